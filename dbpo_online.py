@@ -1,0 +1,376 @@
+"""DBPO: online PPO fine-tuning of a pretrained DBP policy that still deploys in one network call.
+
+Paper: DBP / DBPO (arXiv 2604.03540). The one-step generator mu = f(z, s) of dbp_bc.py becomes the
+mean of a Gaussian whose noise z is an observed input: z ~ N(0, I), a = mu + sigma(s) * xi. Storing z
+in the rollout buffer makes the likelihood an exact diagonal Gaussian, so plain clipped PPO applies.
+An anchor loss keeps f close to the frozen pretrained policy at the same z. Deployment drops sigma:
+a = f(z, s), one call, loadable by common.load_policy and robot_deploy.py unchanged.
+
+Shapes
+    N   parallel envs          T   chunk decisions per env per iteration     To  observation history
+    H   predicted chunk        Ta  executed actions per decision (rewards summed over them)
+    Do, Da   observation / action dims; the Gaussian lives in the normalised action space [-1, 1]
+"""
+
+import copy
+import glob
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "drifting-policies"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to render a few final evaluation episodes to runs/{run_name}/videos (MUJOCO_GL=egl)"""
+    save_model: bool = True
+    """whether to save runs/{run_name}/dbpo.pt (a dbp_bc-format policy plus the PPO state, resumable)"""
+
+    # Algorithm specific arguments
+    env_id: str = "lift"
+    """lift, can, square or cube-{double,triple,quadruple}-play-singletask-task{1..5}-v0"""
+    checkpoint: Optional[str] = None
+    """dbp.pt from dbp_bc.py to fine-tune; if None, a short DBP pretraining runs first"""
+    pretrain_steps: int = 3_000
+    """gradient steps of that short pretraining (when no --checkpoint is given)"""
+    dataset_path: Optional[str] = None
+    """dataset of that short pretraining (default: dbp_bc.py's default data)"""
+    num_iterations: int = 1_500
+    """PPO iterations"""
+    num_envs: int = 40
+    """parallel envs (subprocesses; CPU preset: 4)"""
+    num_steps: int = 500
+    """chunk decisions per env per iteration (CPU preset: 75)"""
+    update_epochs: int = 5
+    """PPO epochs per iteration"""
+    minibatch_size: int = 50_000
+    """samples per minibatch (>= the batch: one full-batch step per epoch, as DBPO)"""
+    gamma: float = 0.99
+    """discount per chunk decision"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_coef: float = 0.02
+    """PPO ratio clip"""
+    target_kl: float = 0.02
+    """stop the epoch loop when the approximate KL exceeds this"""
+    ent_coef: float = 0.01
+    """entropy coefficient"""
+    vf_coef: float = 0.5
+    """value-loss coefficient"""
+    anchor_coef: float = 1.0
+    """anchor coefficient: MSE to the frozen pretrained policy at the same z"""
+    actor_lr: float = 1e-5
+    """actor learning rate (cosine to actor_lr_min)"""
+    actor_lr_min: float = 3e-6
+    """final actor learning rate"""
+    critic_lr: float = 1e-4
+    """critic learning rate (cosine to critic_lr_min)"""
+    critic_lr_min: float = 3e-5
+    """final critic learning rate"""
+    lr_warmup_iters: int = 10
+    """linear learning-rate warm-up iterations"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 0.5
+    """gradient clipping, applied to actor and critic separately"""
+    critic_warmup_iters: int = 5
+    """iterations that train only the critic"""
+    sigma_init: float = 0.03
+    """initial exploration std (normalised action units)"""
+    sigma_min: float = 0.03
+    """lower clamp of the std (also the minimum sampling std)"""
+    sigma_max: float = 0.10
+    """upper clamp of the std"""
+    logprob_min: float = -2.0
+    """per-dimension log-probabilities are clamped from below here"""
+    eval_every: int = 10
+    """evaluate (deterministic: sigma off) and checkpoint every this many iterations"""
+    eval_episodes: int = 50
+    """episodes per evaluation (also before the first update)"""
+    num_eval_envs: int = 2
+    """parallel evaluation envs"""
+    resume: Optional[str] = None
+    """path of a dbpo.pt checkpoint to continue from"""
+
+
+class ChunkEnv(gym.Wrapper):
+    """One decision = one chunk: executes Ta actions (stopping at an episode end), sums their rewards,
+    and observes the last To observations. Runs inside each subprocess of the vector env."""
+
+    def __init__(self, env, n_obs_steps, n_action_steps):
+        super().__init__(env)
+        self.To, self.Ta = n_obs_steps, n_action_steps
+        box = env.observation_space
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.To, *box.shape), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.Ta, *env.action_space.shape), np.float32)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.history = deque([obs] * self.To, maxlen=self.To)
+        return np.stack(self.history), info
+
+    def step(self, chunk):
+        total = 0.0
+        for action in chunk:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.history.append(obs)
+            total += reward
+            if terminated or truncated:
+                break
+        return np.stack(self.history), total, terminated, truncated, info
+
+
+class GaussianHead(nn.Module):
+    """log sigma(s) = Linear(normalised obs history), zero weights and bias log(sigma_init): sigma starts
+    state-independent; clamped to [sigma_min, sigma_max]."""
+
+    def __init__(self, cond_dim, chunk_dim, sigma_init, sigma_min, sigma_max):
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, chunk_dim)
+        nn.init.zeros_(self.proj.weight), nn.init.constant_(self.proj.bias, math.log(sigma_init))
+        self.log_min, self.log_max = math.log(sigma_min), math.log(sigma_max)
+
+    def forward(self, obs_n):
+        return self.proj(obs_n.flatten(1)).clamp(self.log_min, self.log_max).exp()
+
+
+def value_net(cond_dim, hidden=256):
+    return nn.Sequential(nn.Linear(cond_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
+                         nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))
+
+
+# ALGO LOGIC: the exact Gaussian likelihood over the executed prefix of the chunk.
+def executed_logprob(mu, sigma, action, start, n_action_steps, logprob_min):
+    """log N(action; mu, sigma^2) summed over the executed steps [start, start + Ta) and all Da dims, divided
+    by Ta * Da (a per-dimension mean, so the PPO ratio is a per-dimension geometric mean), clamped below."""
+    sl = slice(start, start + n_action_steps)
+    logp = torch.distributions.Normal(mu[:, sl], sigma[:, sl]).log_prob(action[:, sl])
+    return logp.mean(dim=(1, 2)).clamp_min(logprob_min)
+
+
+def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv, returns, args):
+    """PPO loss on a minibatch: clipped surrogate - entropy + value loss + anchor. mu is recomputed with the
+    stored z, so the ratio is an exact Gaussian likelihood ratio. Returns (loss, info)."""
+    To, Ta = policy.n_obs_steps, policy.n_action_steps
+    obs_n = policy.normalize_obs(obs)
+    mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(z.shape)
+    new_logp = executed_logprob(mu, sigma, action, To - 1, Ta, args.logprob_min)
+    logratio = new_logp - old_logp.clamp_min(args.logprob_min)
+    ratio = logratio.exp()
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    # Clipped surrogate.
+    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    # Entropy of the Gaussian head (per dimension, over the executed prefix).
+    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + sigma[:, To - 1: To - 1 + Ta].log()).mean()
+    # Value loss.
+    v_loss = 0.5 * ((critic(obs_n.flatten(1)).squeeze(-1) - returns) ** 2).mean()
+    # Anchor loss: stay close to the frozen pretrained policy at the same z.
+    with torch.no_grad():
+        anchor_mu = anchor.generate(obs_n, z)
+    anchor_loss = F.mse_loss(mu, anchor_mu)
+    # Total loss.
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.anchor_coef * anchor_loss
+    with torch.no_grad():
+        info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": entropy,
+                "losses/anchor": anchor_loss, "losses/approx_kl": ((ratio - 1) - logratio).mean(),
+                "losses/clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean(), "charts/sigma": sigma.mean(),
+                "losses/ratio_max_deviation": (ratio - 1).abs().max()}
+    return loss, info
+
+
+def gae(rewards, values, next_values, terminated, dones, gamma, lam):
+    """Generalised advantage estimation over [T, N] arrays. next_values[t] is V of the observation after
+    decision t; at an episode end it is V(final observation) (the reset observation follows). A termination
+    zeroes the bootstrap; a truncation (time limit) keeps it. Any episode end stops the trace."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_values[t] * (1 - terminated[t]) - values[t]
+        last = delta + gamma * lam * (1 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def pretrain_dbp(args):
+    """No --checkpoint: train a short DBP policy with dbp_bc.py and return its checkpoint path."""
+    print(f"[dbpo] no --checkpoint given: pretraining DBP on {args.env_id} for {args.pretrain_steps} steps first "
+          f"(python dbp_bc.py); pass --checkpoint runs/.../dbp.pt to fine-tune your own policy")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dbp_bc.py")
+    subprocess.run([sys.executable, script, "--env-id", args.env_id, "--seed", str(args.seed), "--exp-name",
+                    "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
+                    "--eval-episodes", "10", "--final-eval-episodes", "10",
+                    *(["--dataset-path", args.dataset_path] if args.dataset_path else [])], check=True)
+    return max(glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt"), key=os.path.getmtime)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume)
+        args = Args(**{**ckpt["args"], "resume": args.resume})
+        print(f"resuming {ckpt['run_name']} from iteration {ckpt['iteration']}")
+    common.check_env_id(args.env_id)
+    args.checkpoint = args.checkpoint or pretrain_dbp(args)
+    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
+
+    # TRY NOT TO MODIFY: seeding
+    common.set_seed(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # The pretrained DBP policy (EMA weights): the actor mean, and a frozen copy for the anchor loss.
+    base = common.load_checkpoint(args.checkpoint, device)
+    if base["policy_module"] != "dbp_bc":
+        raise common.UserError(f"{args.checkpoint} is a {base['policy_module']} checkpoint; DBPO fine-tunes dbp_bc.py policies")
+    policy = common.load_policy(args.checkpoint, device, env_id=args.env_id).train().requires_grad_(True)
+    anchor = copy.deepcopy(policy).requires_grad_(False)
+    To, H, Ta, Da = policy.n_obs_steps, policy.horizon, policy.n_action_steps, policy.action_dim
+    cond_dim = To * policy.obs_dim
+    sigma_head = GaussianHead(cond_dim, H * Da, args.sigma_init, args.sigma_min, args.sigma_max).to(device)
+    critic = value_net(cond_dim).to(device)
+    actor_params = [*policy.parameters(), *sigma_head.parameters()]
+    actor_opt = torch.optim.AdamW(actor_params, lr=args.actor_lr, weight_decay=args.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    start_iter = 0
+    if ckpt:
+        policy.load_state_dict(ckpt["model"]), anchor.load_state_dict(ckpt["anchor"])
+        sigma_head.load_state_dict(ckpt["sigma_head"]), critic.load_state_dict(ckpt["critic"])
+        actor_opt.load_state_dict(ckpt["actor_opt"]), critic_opt.load_state_dict(ckpt["critic_opt"])
+        start_iter = ckpt["iteration"]
+
+    def lr_at(it, lr, lr_min):  # linear warm-up, then cosine to lr_min over all iterations
+        warm = min(1.0, (it + 1) / args.lr_warmup_iters)
+        return warm * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * it / args.num_iterations)))
+
+    def save(path, iteration):  # dbp_bc format (load_policy, robot_deploy) plus the PPO state
+        common.save_checkpoint(path, {**{k: base[k] for k in ("policy_module", "policy_kwargs", "dataset_path")},
+                                      "model": policy.state_dict(), "ema_model": policy.state_dict(),
+                                      "anchor": anchor.state_dict(), "sigma_head": sigma_head.state_dict(),
+                                      "critic": critic.state_dict(), "actor_opt": actor_opt.state_dict(),
+                                      "critic_opt": critic_opt.state_dict(), "iteration": iteration,
+                                      "step": iteration, "args": vars(args), "run_name": run_name,
+                                      "env_id": args.env_id, "pretrained": args.checkpoint})
+
+    def evaluate(iteration):  # deterministic: a = f(z, s) with a fresh z and sigma off, one call
+        result = common.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs)
+        for k, v in result.items():
+            writer.add_scalar(f"eval/{k}", v, iteration)
+        print(f"iteration {iteration}: deterministic success {result['success_rate']:.2f} over {result['episodes']} episodes")
+        return result
+
+    if start_iter == 0:
+        evaluate(0)
+    envs = gym.vector.AsyncVectorEnv(
+        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i), To, Ta) for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    N, T = args.num_envs, args.num_steps
+    obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)
+    z_buf, act_buf = torch.zeros(T, N, H, Da, device=device), torch.zeros(T, N, H, Da, device=device)
+    logp_buf, value_buf, next_value_buf, reward_buf, term_buf, done_buf = (torch.zeros(T, N, device=device) for _ in range(6))
+    next_obs, _ = envs.reset(seed=[args.seed + i for i in range(N)])
+    next_obs = torch.as_tensor(next_obs, device=device)
+    ep_return, ep_len = np.zeros(N), np.zeros(N, int)
+    start_time, env_steps = time.time(), 0
+
+    for iteration in range(start_iter + 1, args.num_iterations + 1):
+        for opt, lr, lr_min in ((actor_opt, args.actor_lr, args.actor_lr_min), (critic_opt, args.critic_lr, args.critic_lr_min)):
+            opt.param_groups[0]["lr"] = lr_at(iteration - 1, lr, lr_min)
+
+        # Rollout: a = clip(mu + sigma * xi, mu +- 3 sigma, [-1, 1]) in normalised action space; store z and a.
+        for t in range(T):
+            with torch.no_grad():
+                obs_n = policy.normalize_obs(next_obs)
+                z = torch.randn(N, H, Da, device=device)
+                mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(N, H, Da)
+                action = torch.min(torch.max(mu + sigma * torch.randn_like(mu), mu - 3 * sigma), mu + 3 * sigma).clamp(-1, 1)
+                logp = executed_logprob(mu, sigma, action, To - 1, Ta, args.logprob_min)
+                value = critic(obs_n.flatten(1)).squeeze(-1)
+            env_chunk = policy.unnormalize_action(action)[:, To - 1: To - 1 + Ta].clamp(-1, 1)
+            obs_np, reward, terminated, truncated, info = envs.step(env_chunk.cpu().numpy())
+            obs_buf[t], z_buf[t], act_buf[t], logp_buf[t], value_buf[t] = next_obs, z, action, logp, value
+            reward_buf[t] = torch.as_tensor(reward, device=device)
+            term_buf[t] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
+            done = terminated | truncated
+            done_buf[t] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(obs_np, device=device)
+            bootstrap_obs = next_obs.clone()
+            for i in np.flatnonzero(done):  # V(final observation), not of the reset one
+                bootstrap_obs[i] = torch.as_tensor(info["final_obs"][i], device=device)
+            with torch.no_grad():
+                next_value_buf[t] = critic(policy.normalize_obs(bootstrap_obs).flatten(1)).squeeze(-1)
+            # TRY NOT TO MODIFY: episode bookkeeping
+            ep_return += reward
+            ep_len += 1
+            for i in np.flatnonzero(done):
+                writer.add_scalar("charts/episodic_return", ep_return[i], iteration)
+                writer.add_scalar("charts/success", float(info["final_info"]["success"][i]), iteration)
+                ep_return[i], ep_len[i] = 0.0, 0
+        env_steps += N * T * Ta
+
+        # Rewards divided by their std within the iteration; GAE per chunk decision.
+        rewards = reward_buf / (reward_buf.std() + 1e-8)
+        advantages, returns = gae(rewards, value_buf, next_value_buf, term_buf, done_buf, args.gamma, args.gae_lambda)
+
+        # ALGO LOGIC: PPO on the one-step policy, with the anchor to the pretrained policy at the same z.
+        b_obs, b_z, b_act = obs_buf.flatten(0, 1), z_buf.flatten(0, 1), act_buf.flatten(0, 1)
+        b_logp, b_adv, b_ret = logp_buf.flatten(), advantages.flatten(), returns.flatten()
+        batch, mb_size = N * T, min(args.minibatch_size, N * T)
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(batch, device=device)
+            for start in range(0, batch, mb_size):
+                mb = perm[start: start + mb_size]
+                loss, info = dbpo_loss(policy, sigma_head, critic, anchor, b_obs[mb], b_z[mb], b_act[mb], b_logp[mb],
+                                       b_adv[mb], b_ret[mb], args)
+                actor_opt.zero_grad(set_to_none=True), critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                critic_opt.step()
+                if iteration > args.critic_warmup_iters:  # critic warm-up: no actor step yet
+                    nn.utils.clip_grad_norm_(actor_params, args.max_grad_norm)
+                    actor_opt.step()
+            if info["losses/approx_kl"] > args.target_kl:
+                break
+
+        # TRY NOT TO MODIFY: logging
+        for k, v in {**info, "charts/reward_std": reward_buf.std()}.items():
+            writer.add_scalar(k, v.item(), iteration)
+        writer.add_scalar("charts/epochs", epoch + 1, iteration)
+        writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], iteration)
+        writer.add_scalar("charts/SPS", env_steps / (time.time() - start_time), iteration)
+        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+            evaluate(iteration)
+            if args.save_model:
+                save(os.path.join(run_dir, "dbpo.pt"), iteration)
+
+    envs.close()
+    if args.capture_video:
+        common.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta)
+    writer.close()

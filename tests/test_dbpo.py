@@ -1,0 +1,107 @@
+"""dbpo_online.py: exact Gaussian log-probability, ratio 1 and anchor 0 before an update, GAE, chunk env, smoke run."""
+
+import copy
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import common
+import dbpo_online as dbpo
+from dbp_bc import DriftPolicy
+from tests.conftest import ROOT
+
+
+def test_executed_logprob_matches_the_gaussian_density_by_hand():
+    torch.manual_seed(0)
+    mu, sigma = torch.randn(3, 6, 2), 0.03 + 0.07 * torch.rand(3, 6, 2)
+    action = mu + sigma * torch.randn(3, 6, 2)
+    got = dbpo.executed_logprob(mu, sigma, action, start=1, n_action_steps=4, logprob_min=-100.0)
+    sl = slice(1, 5)  # executed prefix: chunk steps To-1 .. To+Ta-2 with To = 2, Ta = 4
+    by_hand = (-0.5 * ((action - mu) / sigma) ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi))[:, sl]
+    torch.testing.assert_close(got, by_hand.sum(dim=(1, 2)) / (4 * 2))
+    far = dbpo.executed_logprob(mu, sigma, action + 10.0, 1, 4, logprob_min=-2.0)
+    assert (far == -2.0).all()  # clamped from below
+
+
+def test_first_epoch_ratio_is_one_and_anchor_is_zero():
+    torch.manual_seed(0)
+    args = dbpo.Args()
+    policy = DriftPolicy(obs_dim=5, action_dim=2, n_obs_steps=1, horizon=4, n_action_steps=3, hidden_dims=(32, 32))
+    anchor = copy.deepcopy(policy).requires_grad_(False)
+    head = dbpo.GaussianHead(5, 8, args.sigma_init, args.sigma_min, args.sigma_max)
+    critic = dbpo.value_net(5)
+    obs, z = torch.randn(64, 1, 5), torch.randn(64, 4, 2)
+    with torch.no_grad():  # the rollout: sample, store z, the action and its log-probability
+        obs_n = policy.normalize_obs(obs)
+        mu, sigma = policy.generate(obs_n, z), head(obs_n).view(64, 4, 2)
+        action = (mu + sigma * torch.randn_like(mu)).clamp(-1, 1)
+        logp = dbpo.executed_logprob(mu, sigma, action, 0, 3, args.logprob_min)
+    loss, info = dbpo.dbpo_loss(policy, head, critic, anchor, obs, z, action, logp, torch.randn(64), torch.randn(64), args)
+    assert info["losses/ratio_max_deviation"] < 1e-6
+    assert info["losses/anchor"] == 0.0
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(info["charts/sigma"], torch.tensor(args.sigma_init))  # zero-initialised head
+
+
+def test_gae_with_a_termination_and_a_truncation():
+    # One env, 4 decisions: decision 1 terminates (no bootstrap), decision 3 is truncated (bootstraps V(final obs)).
+    r = torch.tensor([[1.0], [2.0], [0.5], [1.0]])
+    v = torch.tensor([[0.5], [0.4], [0.3], [0.2]])
+    next_v = torch.tensor([[0.4], [9.0], [0.2], [0.7]])  # after decision 1 / 3: V(final observation)
+    term = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
+    done = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    g, lam = 0.9, 0.8
+    d3 = 1.0 + g * 0.7 - 0.2  # truncated: bootstrap from V(final obs)
+    d2 = 0.5 + g * 0.2 - 0.3
+    d1 = 2.0 - 0.4  # terminated: no bootstrap
+    d0 = 1.0 + g * 0.4 - 0.5
+    a3, a2, a1 = d3, d2 + g * lam * d3, d1  # the trace stops at episode ends
+    a0 = d0 + g * lam * a1
+    adv, ret = dbpo.gae(r, v, next_v, term, done, g, lam)
+    torch.testing.assert_close(adv.squeeze(1), torch.tensor([a0, a1, a2, a3]))
+    torch.testing.assert_close(ret, adv + v)
+
+
+class CountingEnv(gym.Env):
+    """Observation = step count; reward 1 per step; terminates after 5 steps."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, np.float32), 1.0, self.t == 5, False, {"success": self.t == 5}
+
+
+def test_chunk_env_sums_rewards_and_stops_at_the_episode_end():
+    env = dbpo.ChunkEnv(CountingEnv(), n_obs_steps=2, n_action_steps=3)
+    obs, _ = env.reset()
+    np.testing.assert_array_equal(obs[:, 0], [0, 0])
+    obs, reward, term, _, _ = env.step(np.zeros((3, 2)))
+    assert reward == 3.0 and not term and obs[:, 0].tolist() == [2, 3]
+    obs, reward, term, _, info = env.step(np.zeros((3, 2)))
+    assert reward == 2.0 and term and info["success"] and obs[:, 0].tolist() == [4, 5]  # stopped after 2 steps
+
+
+def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file):
+    cmd = [sys.executable, os.path.join(ROOT, "dbpo_online.py"), "--env-id", "lift", "--dataset-path",
+           robomimic_lift_file, "--pretrain-steps", "30", "--num-envs", "2", "--num-steps", "4", "--num-iterations", "2",
+           "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1"]
+    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
+    path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
+    policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
+    obs, z = np.random.rand(2, 19).astype(np.float32), np.random.randn(2, 4, 7).astype(np.float32)
+    np.testing.assert_array_equal(policy.act(obs, z), common.load_policy(path).act(obs, z))
+    ckpt = torch.load(path, weights_only=False)
+    pretrained = common.load_policy(ckpt["pretrained"])
+    assert not np.allclose(policy.act(obs, z), pretrained.act(obs, z))  # the PPO update changed the policy
