@@ -429,7 +429,8 @@ def load_checkpoint(path: str, device="cpu") -> dict:
 def load_policy(path: str, device="cpu", env_id: str | None = None, **kwargs):
     """Rebuild a trained policy from its checkpoint alone. The file names the script that defines the
     policy (`policy_module`); that script's `policy_from_checkpoint` returns an nn.Module with
-    forward(obs [B, To, Do], z) -> chunk [B, H, Da] and `.act(obs) -> chunk` (numpy in, numpy out).
+    forward(obs [B, To, Do], z [B, *noise_shape]) -> the actions from the current step on [B, H - To + 1, Da]
+    (execute the first n_action_steps) and `.act(obs)`, the same in numpy.
     With env_id, a checkpoint trained on another env is refused."""
     import importlib
 

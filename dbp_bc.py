@@ -209,7 +209,7 @@ class UNet1d(nn.Module):
                                    nn.Conv1d(dims[0], action_dim, 1))
 
     def forward(self, z, cond):
-        x, skips = z.mT, []
+        x, skips = z.transpose(1, 2), []
         for block1, block2, downsample in self.down:
             x = block2(block1(x, cond), cond)
             skips.append(x)
@@ -218,7 +218,7 @@ class UNet1d(nn.Module):
             x = block(x, cond)
         for block1, block2, upsample in self.up:
             x = upsample(block2(block1(torch.cat([x, skips.pop()], dim=1), cond), cond))
-        return self.final(x).mT
+        return self.final(x).transpose(1, 2)
 
 
 class DriftPolicy(nn.Module, common.ActMixin):
@@ -335,9 +335,6 @@ if __name__ == "__main__":
             data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(), args=vars(args), run_name=run_name,
             env_id=args.env_id, step=step, best_success=best_success, dataset_path=data["dataset_path"]))
 
-    def act_fn(obs_hist):
-        return ema_policy.act(obs_hist)
-
     B, G, H, Da = args.batch_size, args.gen_per_obs, args.horizon, act_all.shape[1]
     start_time = time.time()
     for step in range(start_step + 1, args.total_steps + 1):
@@ -380,7 +377,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/SPS", (step - start_step) / (time.time() - start_time), step)
         if step % args.eval_every == 0 or step == args.total_steps:
             sps = (step - start_step) / (time.time() - start_time)
-            result = common.evaluate(act_fn, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
+            result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
                                      num_envs=args.num_eval_envs)
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, step)
@@ -400,6 +397,6 @@ if __name__ == "__main__":
         writer.add_scalar(f"eval/{tag}_success_rate", result["success_rate"], args.total_steps)
         print(f"{tag} checkpoint: success {result['success_rate']:.3f} over {result['episodes']} episodes")
     if args.capture_video:
-        common.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
+        common.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
                             args.n_obs_steps, args.n_action_steps)
     writer.close()

@@ -204,7 +204,7 @@ def score(critic, obs, chunks):
 def best_of_n(actor, critic, obs, n, eps=None):
     """The argmax-Q chunk among n samples of the actor: [B, S]."""
     chunks = sample_chunks(actor, obs, n, eps)
-    return chunks[torch.arange(len(obs), device=obs.device), score(critic, obs, chunks).argmax(1)]
+    return chunks[torch.arange(obs.shape[0], device=obs.device), score(critic, obs, chunks).argmax(1)]
 
 
 def top_k(actor_old, critic, obs, n, k):
