@@ -19,8 +19,12 @@ Shapes
 References: DDPM (Ho et al., arXiv 2006.11239); DDIM (Song et al., arXiv 2010.02502); the squared-cosine
 schedule (Nichol & Dhariwal, arXiv 2102.09672); Diffusion Policy (Chi et al., arXiv 2303.04137), whose
 low-dim settings (T = 100, squaredcos_cap_v2, epsilon prediction, clipped x_0, 1-D U-Net with FiLM) we follow.
-Deviation: inference timesteps are spaced "trailing" (99, 89, ..., 9 for K = 10; Lin et al., arXiv 2305.08891)
-rather than diffusers' old "leading" default (90, ..., 0), which for K = 1 would denoise pure noise at t = 0.
+Deviations: (1) inference timesteps are spaced "trailing" (99, 89, ..., 9 for K = 10; Lin et al., arXiv 2305.08891),
+not diffusers' old "leading" default (90, ..., 0), which for K = 1 would denoise pure noise at t = 0. (2) DDIM moves
+along the noise re-derived from the clipped x_0 (diffusers' use_clipped_model_output=True); Diffusion Policy's DDIM
+keeps the raw prediction, which differs only while the clip is active. DDPM matches diffusers' DDPMScheduler.
+(3) dbp_bc.py's chunking (To = 1, H = Ta = 4; Diffusion Policy low-dim: 2, 16, 8), learning rate and smaller nets,
+for an equal budget with DBP.
 """
 
 import math
@@ -120,15 +124,15 @@ class Args:
 
 # ALGO LOGIC: the noise schedule and one denoising step.
 def squared_cosine_alphas_cumprod(T, max_beta=0.999):
-    """abar_t for t = 0..T-1 (float64), diffusers' squaredcos_cap_v2: beta_t = min(1 - f(t+1) / f(t), 0.999)
-    with f(t) = cos^2((t / T + 0.008) / 1.008 * pi / 2), abar_t = prod_{s <= t} (1 - beta_s). Only beta_{T-1} is capped."""
+    """abar_t for t = 0..T-1 (float64), diffusers' squaredcos_cap_v2: beta_t = min(1 - f(t+1) / f(t), 0.999),
+    f(t) = cos^2((t / T + 0.008) / 1.008 * pi / 2), abar_t = prod_{s <= t} (1 - beta_s). Only beta_{T-1} is capped."""
     f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
     betas = torch.tensor([min(1 - f(t + 1) / f(t), max_beta) for t in range(T)], dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
 
 
 def inference_timesteps(T, K):
-    """K timesteps from T-1 down, evenly spaced ("trailing"): K = T gives T-1, ..., 0; K = 10, T = 100 gives 99, ..., 9."""
+    """K timesteps from T-1 down, evenly spaced ("trailing"): K = T gives T-1, ..., 0; T = 100, K = 10: 99, ..., 9."""
     return [round(T - k * T / K) - 1 for k in range(K)]
 
 
@@ -219,7 +223,7 @@ class UNet1d(nn.Module):
                                    nn.Conv1d(dims[0], action_dim, 1))
 
     def forward(self, x, t, cond):
-        cond, x, skips = torch.cat([self.time_emb(t), cond], dim=-1), x.mT, []
+        cond, x, skips = torch.cat([self.time_emb(t), cond], dim=-1), x.transpose(1, 2), []
         for block1, block2, downsample in self.down:
             x = block2(block1(x, cond), cond)
             skips.append(x)
@@ -228,7 +232,7 @@ class UNet1d(nn.Module):
             x = block(x, cond)
         for block1, block2, upsample in self.up:
             x = upsample(block2(block1(torch.cat([x, skips.pop()], dim=1), cond), cond))
-        return self.final(x).mT
+        return self.final(x).transpose(1, 2)
 
 
 class DiffusionPolicy(nn.Module, common.ActMixin):
@@ -406,7 +410,8 @@ if __name__ == "__main__":
     # Final evaluation of the final and the best checkpoint, on seeds the periodic evaluation never used.
     final_seed = common.EVAL_SEED_OFFSET + 50_000
     for tag in ("final", "best") if args.save_model else ("final",):
-        eval_policy = ema_policy if tag == "final" else common.load_policy(os.path.join(run_dir, "diffusion_best.pt"), device)
+        best_path = os.path.join(run_dir, "diffusion_best.pt")
+        eval_policy = ema_policy if tag == "final" else common.load_policy(best_path, device)
         result = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
                                  args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs)
         writer.add_scalar(f"eval/{tag}_success_rate", result["success_rate"], args.total_steps)

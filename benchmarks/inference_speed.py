@@ -2,7 +2,7 @@
 backbone (100 DDPM steps, 10 DDIM steps, 1 DDIM step), lift-sized by default (Do 19, Da 7, To 1, H = Ta = 4).
 
     python benchmarks/inference_speed.py                      # MLP 3x256, batch 1 and 32, 1 thread
-    python benchmarks/inference_speed.py --backbone unet      # U-Net (64, 128, 256)
+    python benchmarks/inference_speed.py --backbone unet      # U-Net (64, 128, 256): ~10 min on a busy 2-core CPU
     python benchmarks/inference_speed.py --threads 2 --repeats 300
 
 A timed call is what acting costs: draw z ~ N(0, I) of the policy's noise shape, then policy(obs, z) (normalise,
@@ -10,8 +10,10 @@ the network call(s) and sampler arithmetic, unnormalise, clip), under torch.infe
 (timing does not depend on them); the diffusion policies share one network. Warm-up calls are left out, and the
 methods are timed in interleaved rounds (each round times every method once, in a rotating order), so a change
 in the machine's load hits all of them alike. Reported: p50, mean and p95 per chunk, and each method's time over
-DBP's. Rows go to benchmarks/results/inference_speed.csv (rows of the same backbone are replaced, others kept),
-with the 1-minute load average of the machine when the run started; the plot has one panel per backbone.
+DBP's. DDIM 1 is there to separate the cost of one diffusion network call (with its step embedding) from
+the number of calls: one step from pure noise reads x_0 off at t = 99, where abar_t ~ 2e-7, and acts far worse
+than 10 or 100 steps. Rows go to benchmarks/results/inference_speed.csv (rows of the same backbone are replaced,
+others kept), with the 1-minute load average when the run started; the plot has one panel per backbone.
 """
 
 import csv
@@ -97,9 +99,11 @@ def plot(rows, path):
         batches = sorted({int(r["batch"]) for r in sub})
         width = 0.8 / len(batches)
         for j, batch in enumerate(batches):
-            ms = [next(float(r["p50_ms"]) for r in sub if r["method"] == m and int(r["batch"]) == batch) for m in methods]
-            bars = ax.bar(np.arange(len(methods)) + (j - (len(batches) - 1) / 2) * width, ms, width, label=f"batch {batch}")
-            ax.bar_label(bars, [f"{v:.3g}" for v in ms], fontsize=7)
+            cell = {r["method"]: float(r["p50_ms"]) for r in sub if int(r["batch"]) == batch}
+            ms = [cell[m] for m in methods]
+            x = np.arange(len(methods)) + (j - (len(batches) - 1) / 2) * width
+            bars = ax.bar(x, ms, width, label=f"batch {batch}")
+            ax.bar_label(bars, [f"{v:.3g}" if v < 1000 else f"{v:.0f}" for v in ms], fontsize=7)
         ax.set_xticks(np.arange(len(methods)), methods)
         ax.set_yscale("log")
         ax.set_ylabel("ms per action chunk (p50)")
@@ -128,8 +132,9 @@ if __name__ == "__main__":
     methods = {name: p.to(device).eval() for name, p in methods.items()}
     params = {name: sum(p.numel() for p in methods[name].parameters()) for name in ("DBP", "DDPM 100")}
 
-    print(f"{args.backbone} {net}, Do {Do}, Da {Da}, To {To}, H {H}, device {device}, threads {torch.get_num_threads()}, "
-          f"{args.repeats} timed calls per cell after {args.warmup} warm-up, load average (1 min) {load_1min:.2f}")
+    print(f"{args.backbone} {net}, Do {Do}, Da {Da}, To {To}, H {H}, device {device}, "
+          f"threads {torch.get_num_threads()}, {args.repeats} timed calls per cell after {args.warmup} warm-up, "
+          f"load average (1 min) {load_1min:.2f}")
     print(f"parameters: DBP {params['DBP']:,}, diffusion {params['DDPM 100']:,} (+ the diffusion-step embedding)")
     rows = []
     for batch in args.batch_sizes:
@@ -140,16 +145,17 @@ if __name__ == "__main__":
               f"{'/ DBP p50':>11}{'/ DBP mean':>12}")
         for name, (p50, mean, p95) in stats.items():
             over_p50, over_mean = p50 / stats["DBP"][0], mean / stats["DBP"][1]
-            print(f"{name:<10}{calls[name]:>6}{p50:>10.3f}{mean:>10.3f}{p95:>10.3f}{over_p50:>10.1f}x{over_mean:>11.1f}x")
+            print(f"{name:<10}{calls[name]:>6}{p50:>10.3f}{mean:>10.3f}{p95:>10.3f}"
+                  f"{over_p50:>10.1f}x{over_mean:>11.1f}x")
             rows.append(dict(backbone=args.backbone, net=" ".join(map(str, net)), batch=batch, method=name,
                              network_calls=calls[name], p50_ms=f"{p50:.4f}", mean_ms=f"{mean:.4f}", p95_ms=f"{p95:.4f}",
                              p50_over_dbp=f"{over_p50:.2f}", mean_over_dbp=f"{over_mean:.2f}",
                              threads=torch.get_num_threads(), repeats=args.repeats, load_1min=f"{load_1min:.2f}",
                              device=str(device), torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M")))
-        print(f"ratios (p50 / mean): 100-step DDPM / DBP {stats['DDPM 100'][0] / stats['DBP'][0]:.0f}x / "
-              f"{stats['DDPM 100'][1] / stats['DBP'][1]:.0f}x; 10-step DDIM / DBP {stats['DDIM 10'][0] / stats['DBP'][0]:.1f}x"
-              f" / {stats['DDIM 10'][1] / stats['DBP'][1]:.1f}x; 1-step DDIM / DBP {stats['DDIM 1'][0] / stats['DBP'][0]:.2f}x"
-              f" / {stats['DDIM 1'][1] / stats['DBP'][1]:.2f}x")
+        labels = {"DDPM 100": "100-step DDPM", "DDIM 10": "10-step DDIM", "DDIM 1": "1-step DDIM"}
+        print("ratios (p50 / mean): " + "; ".join(
+            f"{label} / DBP {stats[name][0] / stats['DBP'][0]:.1f}x / {stats[name][1] / stats['DBP'][1]:.1f}x"
+            for name, label in labels.items()))
 
     # Keep the other backbone's rows, so one CSV and one figure hold both.
     os.makedirs(args.results_dir, exist_ok=True)

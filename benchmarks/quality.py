@@ -95,8 +95,9 @@ class Args:
 def command(args, task, method, seed):
     script, extra = METHODS[method]
     cmd = [sys.executable, os.path.join(ROOT, script), "--env-id", task, "--seed", str(seed),
-           "--exp-name", f"quality_{method}", "--total-steps", str(args.total_steps), "--batch-size", str(args.batch_size),
-           "--backbone", args.backbone, "--hidden-dims", *map(str, args.hidden_dims), "--unet-dims", *map(str, args.unet_dims),
+           "--exp-name", f"quality_{method}", "--total-steps", str(args.total_steps),
+           "--batch-size", str(args.batch_size), "--backbone", args.backbone,
+           "--hidden-dims", *map(str, args.hidden_dims), "--unet-dims", *map(str, args.unet_dims),
            "--learning-rate", str(args.learning_rate), "--eval-every", str(args.eval_every),
            "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
            "--num-eval-envs", str(args.num_eval_envs), *extra]
@@ -140,9 +141,9 @@ def run_one(args, task, method, seed):
                 total_steps=args.total_steps, batch_size=args.batch_size, backbone=args.backbone,
                 net=" ".join(map(str, args.hidden_dims if args.backbone == "mlp" else args.unet_dims)),
                 learning_rate=args.learning_rate, wall_s=round(wall, 1),
-                train_sps=round(train_sps(run_dir, min(args.eval_every, args.total_steps)), 1) if run_dir else float("nan"),
+                train_sps=round(train_sps(run_dir, min(args.eval_every, args.total_steps)), 1) if run_dir else np.nan,
                 returncode=proc.returncode, run_dir=os.path.relpath(run_dir, args.work_dir) if run_dir else "",
-                command=" ".join(cmd[1:]))
+                command=shlex.join([os.path.relpath(cmd[1], ROOT), *cmd[2:]]))  # the script relative to the repo
 
 
 def write_csv(rows, path):
@@ -169,8 +170,9 @@ def summarize(rows):
             lines.append(f"| {task} | {method} | {runs} | {stat('final_success')} | {stat('best_success')} | "
                          f"{stat('best_periodic')} | {stat('wall_s', '{:.0f}')} | {stat('train_sps', '{:.0f}')} |")
     r = rows[0]
-    lines.append(f"\n{r['total_steps']} steps, batch {r['batch_size']}, {r['backbone']} {r['net']}, lr {r['learning_rate']}; "
-                 f"success over {r['episodes']} final-evaluation episodes per run; mean +- std over seeds (ddof = 0).")
+    lines.append(f"\n{r['total_steps']} steps, batch {r['batch_size']}, {r['backbone']} {r['net']}, "
+                 f"lr {r['learning_rate']}; success over {r['episodes']} final-evaluation episodes per run; "
+                 f"mean +- std over seeds (ddof = 0).")
     return "\n".join(lines)
 
 
@@ -187,7 +189,7 @@ def plot(rows, path):
         for j, (key, label) in enumerate((("final_success", "final"), ("best_success", "best"))):
             x = np.arange(len(methods)) + (j - 0.5) * 0.4
             values = [np.array([float(r[key]) for r in rows if r["task"] == task and r["method"] == m]) for m in methods]
-            values = [v[np.isfinite(v)] for v in values]
+            values = [v[np.isfinite(v)] for v in values]  # failed runs are left out
             means = [v.mean() if len(v) else 0.0 for v in values]
             ax.bar(x, means, 0.4, yerr=[v.std() if len(v) else 0.0 for v in values], capsize=3, label=label, alpha=0.8)
             for xi, v in zip(x, values):  # one dot per seed
@@ -240,6 +242,6 @@ if __name__ == "__main__":
         for i, row in enumerate(pool.map(lambda job: run_one(args, *job), jobs)):
             rows.append(row)
             write_csv(rows, csv_path)  # after every run: an interrupted benchmark keeps what it finished
-            print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['method']} seed {row['seed']}: final {row['final_success']}, "
-                  f"best {row['best_success']} ({row['wall_s']:.0f} s)", flush=True)
+            print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['method']} seed {row['seed']}: "
+                  f"final {row['final_success']}, best {row['best_success']} ({row['wall_s']:.0f} s)", flush=True)
     report(rows, args.results_dir)
