@@ -38,6 +38,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    threads: int = 1
+    """torch CPU threads; 1 is fastest for these small networks on a small machine (see the README)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drifting-policies"
@@ -297,8 +299,9 @@ if __name__ == "__main__":
     assert args.backbone != "unet" or args.horizon % 4 == 0, "the U-Net downsamples twice: H must be divisible by 4"
     run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
 
-    # TRY NOT TO MODIFY: seeding
+    # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Data: (observation history, demo chunk) pairs, indexed once, sampled on the device.

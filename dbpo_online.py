@@ -43,6 +43,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    threads: int = 1
+    """torch CPU threads; 1 is fastest for these small networks on a small machine (see the README)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drifting-policies"
@@ -202,7 +204,9 @@ def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv,
         info = {"losses/policy": pg_loss, "losses/value": v_loss, "losses/entropy": entropy,
                 "losses/anchor": anchor_loss, "losses/approx_kl": ((ratio - 1) - logratio).mean(),
                 "losses/clipfrac": ((ratio - 1).abs() > args.clip_coef).float().mean(), "charts/sigma": sigma.mean(),
-                "losses/ratio_max_deviation": (ratio - 1).abs().max()}
+                "losses/ratio_max_deviation": (ratio - 1).abs().max(),
+                # share of samples at the log-prob floor: they give the actor no gradient (a saturated mu)
+                "losses/logprob_clamped": (new_logp <= args.logprob_min).float().mean()}
     return loss, info
 
 
@@ -226,9 +230,11 @@ def pretrain_dbp(args):
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dbp_bc.py")
     subprocess.run([sys.executable, script, "--env-id", args.env_id, "--seed", str(args.seed), "--exp-name",
                     "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
-                    "--eval-episodes", "10", "--final-eval-episodes", "10",
+                    "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
+                    "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda",
                     *(["--dataset-path", args.dataset_path] if args.dataset_path else [])], check=True)
-    return max(glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt"), key=os.path.getmtime)
+    path = max(glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt"), key=os.path.getmtime)
+    return os.path.abspath(path)
 
 
 if __name__ == "__main__":
@@ -242,8 +248,9 @@ if __name__ == "__main__":
     args.checkpoint = args.checkpoint or pretrain_dbp(args)
     run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
 
-    # TRY NOT TO MODIFY: seeding
+    # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # The pretrained DBP policy (EMA weights): the actor mean, and a frozen copy for the anchor loss.

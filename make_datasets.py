@@ -2,7 +2,7 @@
 
     python make_datasets.py robomimic --task lift                  # 200 scripted multimodal demos
     python make_datasets.py robomimic --task square --num-demos 50 --noise 0.2 --path square_noisy.hdf5
-    python make_datasets.py ogbench --name cube-double-play-v0     # 200 + 20 oracle play episodes
+    python make_datasets.py ogbench --name cube-double-play-v0     # 70 + 7 oracle play episodes
     python make_datasets.py ogbench --name cube-double-play-v0 --full   # the official size (1000 + 100)
     python make_datasets.py download --name cube-double-play-v0    # the official OGBench files (needs internet)
 
@@ -35,7 +35,7 @@ import common
 P_STACK = {2: (0.0, 0.25), 3: (0.05, 0.35), 4: (0.1, 0.5)}  # OGBench's per-episode stacking probability range
 OGBENCH_CUBES = {"double": 2, "triple": 3, "quadruple": 4}
 OGBENCH_FULL_EPISODES = {"double": 1000, "triple": 3000, "quadruple": 5000}
-DEFAULT_OGBENCH_EPISODES = 200  # 200k transitions: about 2.5 minutes on 2 cores
+DEFAULT_OGBENCH_EPISODES = 70  # 70k transitions: about 3 minutes on 2 cores (MuJoCo steps at ~240/s per core)
 
 
 def _pool(initializer, initargs, num_workers):
@@ -193,7 +193,7 @@ def generate_ogbench(name: str = "cube-double-play-v0", path: str | None = None,
                      full: bool = False, seed: int = 0, num_workers: int = 2) -> str:
     """OGBench play data `{name}.npz` (num_episodes) and `{name}-val.npz` (num_episodes // 10, other seeds).
 
-    num_episodes defaults to 200 (about 2.5 minutes on 2 cores); --full gives the official size
+    num_episodes defaults to 70 (about 3 minutes on 2 cores); --full gives the official size
     (1000 / 3000 / 5000 episodes for double / triple / quadruple).
     """
     size = name.split("-")[1]

@@ -54,6 +54,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    threads: int = 1
+    """torch CPU threads; 1 is fastest for these small networks on a small machine (see the README)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drifting-policies"
@@ -322,8 +324,9 @@ if __name__ == "__main__":
     assert 1 <= args.inference_steps <= args.num_diffusion_steps, "need 1 <= --inference-steps <= --num-diffusion-steps"
     run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
 
-    # TRY NOT TO MODIFY: seeding
+    # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Data: (observation history, demo chunk) pairs, indexed once, sampled on the device.

@@ -49,6 +49,35 @@ def test_first_epoch_ratio_is_one_and_anchor_is_zero():
     torch.testing.assert_close(info["charts/sigma"], torch.tensor(args.sigma_init))  # zero-initialised head
 
 
+def test_a_ppo_step_moves_the_mean_toward_a_rewarded_action_and_ignores_floored_samples():
+    torch.manual_seed(0)
+    args = dbpo.Args(anchor_coef=0.0, ent_coef=0.0)
+    policy = DriftPolicy(obs_dim=5, action_dim=2, n_obs_steps=1, horizon=4, n_action_steps=4, hidden_dims=(32, 32))
+    head = dbpo.GaussianHead(5, 8, args.sigma_init, args.sigma_min, args.sigma_max)
+    obs, z = torch.randn(2, 1, 5), torch.randn(2, 4, 2)
+    with torch.no_grad():
+        mu = policy.generate(policy.normalize_obs(obs), z)
+    action = mu + 0.03  # both samples: one sigma above the mean in every dim
+    action[1] += 10.0  # sample 1 is far away: its log-prob sits at the floor
+    logp = dbpo.executed_logprob(mu, torch.full_like(mu, 0.03), action, 0, 4, args.logprob_min)
+    adv = torch.tensor([1.0, -1.0])  # sample 0 was good
+    loss, info = dbpo.dbpo_loss(policy, head, dbpo.value_net(5), copy.deepcopy(policy), obs, z, action, logp, adv,
+                                torch.zeros(2), args)
+    assert info["losses/logprob_clamped"] == 0.5
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+    with torch.no_grad():  # a small step down the gradient raises sample 0's mean toward its action
+        for p, g in zip(policy.parameters(), grads):
+            p -= 1e-3 * g
+        new_mu = policy.generate(policy.normalize_obs(obs), z)
+    assert (new_mu[0] - mu[0]).mean() > 0
+    # Floored samples alone (sample 1, twice) give the actor no gradient at all.
+    far = [1, 1]
+    loss1, _ = dbpo.dbpo_loss(policy, head, dbpo.value_net(5), copy.deepcopy(policy), obs[far], z[far], action[far],
+                              logp[far], torch.tensor([1.0, -1.0]), torch.zeros(2), args)
+    assert all(g is None or g.abs().max() == 0 for g in
+               torch.autograd.grad(loss1, list(policy.parameters()), allow_unused=True))
+
+
 def test_gae_with_a_termination_and_a_truncation():
     # One env, 4 decisions: decision 1 terminates (no bootstrap), decision 3 is truncated (bootstraps V(final obs)).
     r = torch.tensor([[1.0], [2.0], [0.5], [1.0]])
@@ -100,8 +129,10 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file):
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
-    obs, z = np.random.rand(2, 19).astype(np.float32), np.random.randn(2, 4, 7).astype(np.float32)
+    obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
+    z = np.random.randn(2, 4, 7).astype(np.float32)
     np.testing.assert_array_equal(policy.act(obs, z), common.load_policy(path).act(obs, z))
     ckpt = torch.load(path, weights_only=False)
-    pretrained = common.load_policy(ckpt["pretrained"])
-    assert not np.allclose(policy.act(obs, z), pretrained.act(obs, z))  # the PPO update changed the policy
+    assert ckpt["iteration"] == 2 and os.path.isabs(ckpt["pretrained"])
+    assert len(ckpt["actor_opt"]["state"]) > 0  # iteration 2 is past the 1-iteration critic warm-up: actor steps
+    assert common.load_policy(ckpt["pretrained"]).n_action_steps == policy.n_action_steps
