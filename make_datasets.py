@@ -108,7 +108,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = 200,
             next_seed += len(jobs)
             for ep in pool.imap_unordered(_robomimic_episode, jobs):
                 episodes.append(ep)
-                bar.update(int(ep["success"]))
+                bar.update(min(int(ep["success"]), num_demos - bar.n))  # spare jobs beyond the total
             assert next_seed - seed < 20 * num_demos + 100, "the expert almost never succeeds; lower noise/hesitate"
     episodes.sort(key=lambda e: e["seed"])
     expert_success = float(np.mean([e["success"] for e in episodes]))

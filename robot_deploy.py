@@ -11,35 +11,11 @@ from the current step on [B, T, Da] in [-1, 1] (T = H - To + 1 >= Ta for DBP), n
 z is an explicit input (sampled here with numpy), so each backend is checked at start-up against eager PyTorch
 on the same observation and z. One network call per chunk (DFP: N' actor samples and the critic, one pass).
 
-Notes
-  * Threads: inference runs on 1 thread (--threads). A 3x256 MLP at batch 1 is ~0.3 MFLOP: a second thread
-    adds synchronisation, not speed, and the second core stays free for the robot's or the simulator's process.
-  * Watchdog: inference runs in a worker thread. If no chunk is ready --inference-timeout-ms after the
-    observation, the safe action goes out instead (--safe-action, else the last action sent) and the late chunk
-    is dropped (its observation is stale). Non-finite actions are replaced the same way; every action is clipped
-    to the limits. Holding the last action keeps a velocity or delta-pose controller moving: pass --safe-action.
-    The hand-off to the worker thread costs ~30-100 us per chunk, or milliseconds when other processes keep
-    every core busy (then use real-time priority, below). --no-inference-thread runs inference inline: no
-    hand-off, a late chunk is still replaced by the safe action, but that action goes out late.
-  * Temporal ensembling (ACT) averages the predictions of all overlapping chunks for the current tick. Caveat for
-    multimodal policies: averaging chunks from different modes (around an obstacle on the left and on the right)
-    gives an action from neither mode. Drifting policies are multimodal by design: receding horizon is the default.
-  * Timing (time.perf_counter, monotonic; warm-up ticks left out): latency = observation in hand -> action ready;
-    jitter = how late the loop woke after its scheduled tick; a deadline miss = an action ready after its tick's
-    slot (scheduled time + period), or a tick skipped because the loop fell more than a period behind.
-    On a machine shared with other jobs, run the loop at real-time priority (`sudo chrt -f 10 python ...`). Our
-    2-core machine with both cores busy (load ~2.5), ONNX at 1 kHz for 60 s: deadline misses 11.6% -> 1.2% with
-    the worker thread, 4.8% -> 0.04% with --no-inference-thread (benchmarks/results/deploy_latency.csv).
-
-Server protocol: ZeroMQ REQ/REP over TCP, msgpack payloads, arrays as {"dtype": "float32", "shape": [n],
-"data": little-endian bytes}.
-    {"obs": array [Do], "reset": bool (first observation of an episode)}  ->  {"action": array [Da],
-        "inferred": bool (a new chunk was computed), "watchdog": bool (the safe action)}, or {"error": str}
-    {"info": true}  ->  {"obs_dim", "action_dim", "n_obs_steps", "horizon", "n_action_steps"}
-  Why ZeroMQ rather than websockets + msgpack (openpi, built for remote GPU servers): no asyncio event loop or
-  HTTP handshake, message framing and reconnection built in, sub-millisecond loopback round trips, and libzmq
-  clients for C++ / ROS control processes. The server keeps the observation history and the action queue
-  of ONE robot, and binds to 127.0.0.1 unless --host says otherwise.
+Design notes (threads, watchdog, temporal ensembling, timing definitions, the server protocol) and measured
+latencies: docs/robot_deploy.md. In short: inference runs on one thread in a worker thread; if no chunk is
+ready --inference-timeout-ms after the observation, the safe action goes out and the late chunk is dropped.
+Server: ZeroMQ REQ/REP, msgpack; {"obs": [Do] array, "reset": bool} -> {"action": [Da] array, "inferred",
+"watchdog"}; {"info": true} -> the policy's dimensions.
 """
 
 import glob
@@ -98,7 +74,7 @@ class Args:
     backend: Literal["eager", "torchscript", "compile", "onnx"] = "onnx"
     """inference backend, checked against eager PyTorch at start-up (same observation and z)"""
     execution: Literal["receding", "ensemble"] = "receding"
-    """receding: execute Ta actions of each chunk, then re-plan; ensemble: ACT temporal ensembling (see notes)"""
+    """receding: execute Ta actions of each chunk, then re-plan; ensemble: ACT temporal ensembling (docs/robot_deploy.md)"""
     ensemble_decay: float = 0.01
     """ACT's m: chunk i (0 = the oldest) overlapping the current tick gets weight exp(-m * i)"""
     hz: float = 20.0
@@ -106,7 +82,7 @@ class Args:
     inference_timeout_ms: float = 0.0
     """watchdog: the longest wait for a new chunk after an observation (0: half a control period)"""
     inference_thread: bool = True
-    """watchdog in time: inference in a worker thread (--no-inference-thread: inline, no hand-off, see notes)"""
+    """watchdog in time: inference in a worker thread (--no-inference-thread: inline, no hand-off, docs/robot_deploy.md)"""
     safe_action: Optional[tuple[float, ...]] = None
     """action sent when the watchdog fires (none: hold the last action, which keeps a delta controller moving)"""
     max_action: float = 1.0
@@ -120,7 +96,7 @@ class Args:
     busy_wait_us: float = 300.0
     """the scheduler sleeps until this long before each tick, then busy-waits (sleepers wake late)"""
     threads: int = 1
-    """intra-op threads of torch and onnxruntime (see notes)"""
+    """intra-op threads of torch and onnxruntime (docs/robot_deploy.md)"""
     parity_tol: float = 1e-5
     """largest action difference accepted between the backend and eager PyTorch"""
     host: str = "127.0.0.1"
@@ -505,7 +481,7 @@ if __name__ == "__main__":
     args.env_id = args.env_id or common.load_checkpoint(args.checkpoint)["env_id"]
     run_name, run_dir, writer = common.make_run(args)
 
-    # TRY NOT TO MODIFY: seeding, 1 inference thread (see notes)
+    # TRY NOT TO MODIFY: seeding, 1 inference thread (docs/robot_deploy.md)
     common.set_seed(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.threads)
     if args.cuda and torch.cuda.is_available() and args.backend != "onnx":
