@@ -113,6 +113,9 @@ class Args:
     """upper clamp of the std"""
     logprob_min: float = -2.0
     """per-dimension log-probabilities are clamped from below here"""
+    clip_logprob_action: bool = True
+    """the paper: the log-prob is of the action clipped to [-1, 1]. --no-clip-logprob-action: of the unclipped
+    Gaussian sample (the env still gets the clipped one), so a mean saturated past +-1 keeps its gradient"""
     eval_every: int = 10
     """evaluate (deterministic: sigma off) and checkpoint every this many iterations"""
     eval_episodes: int = 50
@@ -317,10 +320,12 @@ if __name__ == "__main__":
                 obs_n = policy.normalize_obs(next_obs)
                 z = torch.randn(N, H, Da, device=device)
                 mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(N, H, Da)
-                action = torch.min(torch.max(mu + sigma * torch.randn_like(mu), mu - 3 * sigma), mu + 3 * sigma).clamp(-1, 1)
+                action = torch.min(torch.max(mu + sigma * torch.randn_like(mu), mu - 3 * sigma), mu + 3 * sigma)
+                if args.clip_logprob_action:  # the paper: the log-prob of the action clipped to [-1, 1]
+                    action = action.clamp(-1, 1)
                 logp = executed_logprob(mu, sigma, action, To - 1, Ta, args.logprob_min)
                 value = critic(obs_n.flatten(1)).squeeze(-1)
-            env_chunk = policy.unnormalize_action(action)[:, To - 1: To - 1 + Ta].clamp(-1, 1)
+            env_chunk = policy.unnormalize_action(action.clamp(-1, 1))[:, To - 1: To - 1 + Ta].clamp(-1, 1)
             obs_np, reward, terminated, truncated, info = envs.step(env_chunk.cpu().numpy())
             obs_buf[t], z_buf[t], act_buf[t], logp_buf[t], value_buf[t] = next_obs, z, action, logp, value
             reward_buf[t] = torch.as_tensor(reward, device=device)
