@@ -40,7 +40,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     threads: int = 1
-    """torch CPU threads; 1 is fastest for these small networks on a small machine (see the README)"""
+    """torch CPU threads; 1 is fastest here: a 2nd thread slowed steps 20x when another job held a core"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "drifting-policies"
