@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -89,6 +89,8 @@ class Args:
     """N': best-of-N' for acting and the critic target (None: paper, Robomimic 4, cube 16; released code 16)"""
     temperatures: Optional[tuple[float, ...]] = None
     """drifting temperatures (None: paper, Robomimic (0.005, 0.05), cube (0.05,); released YAML (0.1,))"""
+    actor_init: Literal["xavier", "he"] = "xavier"
+    """actor weights: xavier (the paper's lineage) or he (dbp_bc.py's wider start; see the docs' notes)"""
     lambda_topk: float = 0.5
     """lambda: weight of L_topK (0: the paper's "w/o L_topK" ablation)"""
     bc_weight: float = 1.0
@@ -154,24 +156,28 @@ def drift_loss(gen, pos, temperatures=(0.02, 0.05, 0.2), neg=None):
     return loss, info
 
 
-def mlp(in_dim, hidden_dims, out_dim, layer_norm=False):
+def mlp(in_dim, hidden_dims, out_dim, layer_norm=False, init="xavier"):
     """GELU MLP, as in QC / FQL / DFP. Critic: LayerNorm after each hidden layer; actor: none."""
     layers, dims = [], [in_dim, *hidden_dims]
     for a, b in zip(dims[:-1], dims[1:]):
         layers += [nn.Linear(a, b), *([nn.LayerNorm(b)] if layer_norm else []), nn.GELU()]
     net = nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
-    for m in net:  # variance scaling (1, fan_avg, uniform) = Xavier uniform, zero bias (QC / FQL lineage)
+    for m in net:  # xavier: variance scaling (1, fan_avg, uniform), zero bias (QC / FQL lineage); he: as dbp_bc.py
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+            if init == "he":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
     return net
 
 
 class Actor(nn.Module):
     """chunk = clip(f(s, eps), -1, 1), eps ~ N(0, I) of dim S = H * Da. Clamp: zero gradient outside."""
 
-    def __init__(self, obs_dim, chunk_dim, hidden_dims):
+    def __init__(self, obs_dim, chunk_dim, hidden_dims, init="xavier"):
         super().__init__()
-        self.net = mlp(obs_dim + chunk_dim, hidden_dims, chunk_dim)
+        self.net = mlp(obs_dim + chunk_dim, hidden_dims, chunk_dim, init=init)
 
     def forward(self, obs, eps):
         return self.net(torch.cat([obs, eps], dim=-1)).clamp(-1, 1)
@@ -349,7 +355,7 @@ if __name__ == "__main__":
 
     obs_dim, action_dim, H = env.observation_space.shape[0], env.action_space.shape[0], args.horizon
     S = H * action_dim
-    actor = Actor(obs_dim, S, args.hidden_dims).to(device)
+    actor = Actor(obs_dim, S, args.hidden_dims, args.actor_init).to(device)
     critic = Critic(obs_dim, S, args.hidden_dims, args.num_qs).to(device)
     target_critic = copy.deepcopy(critic).requires_grad_(False)
     actor_old = copy.deepcopy(actor).requires_grad_(False)  # pi_old: re-initialised at the switch to online

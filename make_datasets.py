@@ -1,6 +1,7 @@
 """Generate the datasets locally when the official files are missing (offline machines, CI).
 
-    python make_datasets.py robomimic --task lift                  # 200 scripted multimodal demos
+    python make_datasets.py robomimic --task lift                  # the default: 200 demos, noise 0.1, hesitate 0.3
+    python make_datasets.py robomimic --task lift --noise 0 --hesitate 0   # clean demos (no corrections in them)
     python make_datasets.py robomimic --task square --num-demos 50 --noise 0.2 --path square_noisy.hdf5
     python make_datasets.py ogbench --name cube-double-play-v0     # 70 + 7 oracle play episodes
     python make_datasets.py ogbench --name cube-double-play-v0 --full   # the official size (1000 + 100)
@@ -88,8 +89,10 @@ def _robomimic_episode(job):
     return ep
 
 
-def generate_robomimic(task: str, path: str | None = None, num_demos: int = 200, noise: float = 0.0,
-                       hesitate: float = 0.0, seed: int = 0, num_workers: int = 2) -> dict:
+def generate_robomimic(task: str, path: str | None = None, num_demos: int = common.GENERATED_ROBOMIMIC["num_demos"],
+                       noise: float = common.GENERATED_ROBOMIMIC["noise"],
+                       hesitate: float = common.GENERATED_ROBOMIMIC["hesitate"], seed: int = 0,
+                       num_workers: int = 2) -> dict:
     """Scripted demos for `task` in Robomimic's hdf5 layout; keeps the first `num_demos` successes.
 
     noise: std of Gaussian noise on the executed (and recorded) actions; hesitate: probability of an
@@ -98,7 +101,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = 200,
     """
     common.check_env_id(task)
     assert task in common.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
-    path = path or os.path.join(common.DATA_DIR, "robomimic", task, f"scripted_mh_{num_demos}.hdf5")
+    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate)
     episodes, next_seed = [], seed
     with _pool(_init_robomimic_worker, (task,), num_workers) as pool, \
             tqdm(total=num_demos, desc=f"{task} demos", unit="demo") as bar:
@@ -228,7 +231,8 @@ def generate_default(env_id: str, path: str) -> None:
     """Called by common.load_dataset when no official data is present: generate and cache the default set."""
     if env_id in common.ROBOMIMIC_TASKS:
         print(f"[data] No Robomimic file at ~/.robomimic/{env_id}/mh/low_dim_v15.hdf5: generating 200 scripted "
-              f"multimodal demos for {env_id!r} locally (a few minutes, once) and caching them at {path}")
+              f"multimodal demos of an imperfect operator for {env_id!r} locally (a few minutes, once) and caching "
+              f"them at {path}")
         generate_robomimic(env_id, path)
     else:
         name = common.ogbench_dataset_name(env_id)

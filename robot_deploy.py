@@ -93,8 +93,9 @@ class Args:
     """stop after this many control ticks (sim) or requests (server); 0: no limit"""
     warmup_ticks: int = 20
     """first ticks / requests left out of the statistics"""
-    busy_wait_us: float = 300.0
-    """the scheduler sleeps until this long before each tick, then busy-waits (sleepers wake late)"""
+    busy_wait_us: float = 1000.0
+    """the scheduler sleeps until this long before each tick, then busy-waits (a sleeper wakes 0.1-1 ms late; on an
+    idle VM, whose halted vCPU must be woken, later still). 1000: spin the whole period at 1 kHz"""
     threads: int = 1
     """intra-op threads of torch and onnxruntime (docs/robot_deploy.md)"""
     parity_tol: float = 1e-5
@@ -369,7 +370,7 @@ class SimRobot:
         return terminated or truncated
 
 
-def run_loop(robot, controller, hz, stats, stop, max_ticks=0, busy_wait_s=3e-4):
+def run_loop(robot, controller, hz, stats, stop, max_ticks=0, busy_wait_s=1e-3):
     """The control loop. Episode resets happen outside the timed ticks (a real robot pauses there too)."""
     scheduler, tick = RateScheduler(hz, busy_wait_s), 0
     while not stop.is_set() and len(robot.successes) < robot.num_episodes and not (max_ticks and tick >= max_ticks):
