@@ -90,6 +90,16 @@ def test_polyak_update_is_an_exponential_moving_average():
     torch.testing.assert_close(target.weight, source.weight, atol=1e-6, rtol=0)
 
 
+def test_actor_init_sets_the_weight_scale():
+    torch.manual_seed(0)
+    for init, std in (("xavier", lambda fi, fo: (2 / (fi + fo)) ** 0.5), ("he", lambda fi, fo: (2 / fi) ** 0.5)):
+        actor = dfp.Actor(obs_dim=40, chunk_dim=35, hidden_dims=(512, 512), init=init)
+        for layer in (m for m in actor.net if isinstance(m, nn.Linear)):
+            fan_out, fan_in = layer.weight.shape
+            assert abs(layer.weight.std().item() / std(fan_in, fan_out) - 1) < 0.05, (init, layer)
+            assert (layer.bias == 0).all()
+
+
 def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
     cmd = [sys.executable, os.path.join(ROOT, "dfp_offline_to_online.py"), "--env-id", "lift",
            "--dataset-path", robomimic_lift_file, "--offline-steps", "30", "--online-steps", "40", "--start-training",
