@@ -58,9 +58,9 @@ class Args:
     dataset_path: Optional[str] = None
     """dataset file; default: the official file if present, else generated scripted / oracle data"""
     offline_steps: int = 1_000_000
-    """offline gradient steps (paper: 1M; CPU preset: 20k)"""
+    """offline gradient steps (paper: 1M; CPU preset: 5k)"""
     online_steps: int = 1_000_000
-    """online env steps (paper: 1M; CPU preset: 20k)"""
+    """online env steps (paper: 1M; CPU preset: 5k)"""
     start_training: int = 5_000
     """online env steps collected before the online updates start"""
     utd: int = 1
@@ -91,6 +91,8 @@ class Args:
     """drifting temperatures (None: paper, Robomimic (0.005, 0.05), cube (0.05,); released YAML (0.1,))"""
     actor_init: Literal["xavier", "he"] = "xavier"
     """actor weights: xavier (the paper's lineage) or he (dbp_bc.py's wider start; see the docs' notes)"""
+    normalize_obs: bool = False
+    """min-max normalise observations to [-1, 1] with the offline data's range, as dbp_bc.py (the paper: raw)"""
     lambda_topk: float = 0.5
     """lambda: weight of L_topK (0: the paper's "w/o L_topK" ablation)"""
     bc_weight: float = 1.0
@@ -258,6 +260,19 @@ def polyak_update(target, source, tau):
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+class ObsNorm(nn.Module):
+    """obs -> 2 (obs - low) / (high - low) - 1. The defaults (low -1, high 1) are the identity: the paper's raw
+    observations. --normalize-obs sets low / high to the offline data's range."""
+
+    def __init__(self, obs_dim):
+        super().__init__()
+        self.register_buffer("low", -torch.ones(obs_dim))
+        self.register_buffer("high", torch.ones(obs_dim))
+
+    def forward(self, obs):
+        return 2 * (obs - self.low) / (self.high - self.low).clamp_min(1e-4) - 1
+
+
 class DFPPolicy(nn.Module, common.ActMixin):
     """Deployable DFP policy: best-of-N' chunks under the saved critic (n_best = 1: the actor alone)."""
 
@@ -266,12 +281,13 @@ class DFPPolicy(nn.Module, common.ActMixin):
         self.obs_dim, self.action_dim, self.n_obs_steps = obs_dim, action_dim, 1
         self.horizon = self.n_action_steps = horizon  # the whole chunk is executed open-loop
         self.n_best, self.noise_shape = n_best, (n_best, horizon * action_dim)
+        self.obs_norm = ObsNorm(obs_dim)
         self.actor = Actor(obs_dim, horizon * action_dim, hidden_dims)
         self.critic = Critic(obs_dim, horizon * action_dim, hidden_dims, num_qs)
 
     def forward(self, obs, z):
-        """obs [B, 1, Do], z [B, N', S] -> chunk [B, H, Da]."""
-        obs = obs[:, -1]
+        """obs [B, 1, Do] (raw), z [B, N', S] -> chunk [B, H, Da]."""
+        obs = self.obs_norm(obs[:, -1])
         if self.n_best == 1:
             chunk = self.actor(obs, z[:, 0])
         else:
@@ -284,6 +300,8 @@ def policy_from_checkpoint(ckpt, device="cpu", best_of_n=True):
     kw = ckpt["policy_kwargs"]
     policy = DFPPolicy(**{**kw, "n_best": kw["n_best"] if best_of_n else 1}).to(device)
     policy.actor.load_state_dict(ckpt["actor"]), policy.critic.load_state_dict(ckpt["critic"])
+    if "obs_norm" in ckpt:  # absent from checkpoints written before --normalize-obs existed: raw observations
+        policy.obs_norm.load_state_dict(ckpt["obs_norm"])
     return policy
 
 
@@ -350,6 +368,16 @@ if __name__ == "__main__":
     if robomimic:
         data["rewards"] = data["rewards"] - 1.0
     data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
+    obs_norm = ObsNorm(data["observations"].shape[1])  # the identity unless --normalize-obs
+    if args.normalize_obs:
+        obs_norm.low.copy_(torch.as_tensor(data["observations"].min(0)))
+        obs_norm.high.copy_(torch.as_tensor(data["observations"].max(0)))
+
+    def norm(obs):  # raw numpy observations -> what the networks see; the buffer stores normalised ones
+        with torch.no_grad():
+            return obs_norm(torch.as_tensor(obs)).numpy()
+
+    data["observations"], data["next_observations"] = norm(data["observations"]), norm(data["next_observations"])
     buffer = ReplayBuffer(data, capacity=len(data["observations"]) + args.online_steps)
     print(f"{args.env_id}: {buffer.size} offline transitions from {data['dataset_path']}")
 
@@ -375,7 +403,8 @@ if __name__ == "__main__":
 
     def save(path):
         common.save_checkpoint(path, dict(
-            policy_module="dfp_offline_to_online", policy_kwargs=policy_kwargs, actor=actor.state_dict(),
+            policy_module="dfp_offline_to_online", policy_kwargs=policy_kwargs, obs_norm=obs_norm.state_dict(),
+            actor=actor.state_dict(),
             critic=critic.state_dict(), target_critic=target_critic.state_dict(), actor_old=actor_old.state_dict(),
             optimizer=optimizer.state_dict(), replay_online={k: v[buffer.offline_size: buffer.size]
                                                              for k, v in buffer.data.items()},
@@ -383,8 +412,8 @@ if __name__ == "__main__":
             step=global_step, dataset_path=data["dataset_path"]))
 
     @torch.no_grad()
-    def act_fn(obs_hist):  # [n, 1, Do] -> [n, H, Da]: best-of-N' under the critic (offline and online)
-        obs = torch.as_tensor(obs_hist[:, -1], device=device)
+    def act_fn(obs_hist):  # raw [n, 1, Do] -> [n, H, Da]: best-of-N' under the critic (offline and online)
+        obs = torch.as_tensor(norm(obs_hist[:, -1]), device=device)
         return best_of_n(actor, critic, obs, args.n_best).view(-1, H, action_dim).cpu().numpy()
 
     def update(online):
@@ -442,8 +471,8 @@ if __name__ == "__main__":
             queue = list(act_fn(obs[None, None])[0])
         action = queue.pop(0)
         next_obs, reward, terminated, truncated, info = env.step(action)
-        buffer.add(observations=obs, actions=action, rewards=reward - 1.0 if robomimic else reward,
-                   masks=1.0 - terminated, terminals=float(terminated or truncated), next_observations=next_obs)
+        buffer.add(observations=norm(obs), actions=action, rewards=reward - 1.0 if robomimic else reward,
+                   masks=1.0 - terminated, terminals=float(terminated or truncated), next_observations=norm(next_obs))
         ep_return, ep_len, ep_success = ep_return + reward, ep_len + 1, ep_success or info["success"]
         obs = next_obs
         if terminated or truncated:  # TRY NOT TO MODIFY: episode bookkeeping; the queue is flushed on reset

@@ -7,9 +7,13 @@ last() { ls -d runs/$1__*/ | tail -1; }
 python benchmarks/plot_runs.py --runs "$(ls -d runs/lift__dbp_drift__1__*/ | tail -1)" "$(ls -d runs/lift__dbp_drift__2__*/ | tail -1)" \
   "$(last lift__dbp_mse)" --labels "DBP (seed 1)" "DBP (seed 2)" "MSE regression" \
   --title "lift: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_lift.png
-python benchmarks/plot_runs.py --runs "$(last lift__dfp_he_lambda0.5)" --labels "DFP (lambda_topK 0.5, He init)" \
-  --switch 5000 --title "lift: DFP offline (5k) then online (4k)" --out benchmarks/results/dfp_lift.png
+python benchmarks/plot_runs.py --runs "$(last can__dbp_drift)" "$(last can__dbp_mse)" --labels "DBP" "MSE regression" \
+  --title "can: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_can.png
+python benchmarks/plot_runs.py --runs "$(last lift__dfp_normobs_lambda0.5)" "$(last lift__dfp_normobs_lambda0)" \
+  --labels "DFP (lambda_topK 0.5)" "DFP w/o L_topK (lambda 0)" --switch 5000 \
+  --title "lift: DFP offline (5k) then online (5k), --normalize-obs" --out benchmarks/results/dfp_lift.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_noisy)" \
   --labels "DBPO, unclipped-sample log-prob, actor lr 3e-5" \
   --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift.png
-# The *_clean.png / .csv files are from the clean demos of an earlier session: redraw them with --from-csv.
+# The *_clean.png / .csv files are from the clean demos of an earlier session, dfp_lift_rawobs.* from the DFP run
+# on raw observations (--actor-init he, 5k + 4k): redraw them with --from-csv.

@@ -104,7 +104,7 @@ def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
     cmd = [sys.executable, os.path.join(ROOT, "dfp_offline_to_online.py"), "--env-id", "lift",
            "--dataset-path", robomimic_lift_file, "--offline-steps", "30", "--online-steps", "40", "--start-training",
            "10", "--eval-every", "30", "--eval-episodes", "2", "--final-eval-episodes", "2", "--batch-size", "16",
-           "--hidden-dims", "32", "32", "--gen-per-obs", "4", "--pool-size", "4"]
+           "--hidden-dims", "32", "32", "--gen-per-obs", "4", "--pool-size", "4", "--normalize-obs"]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dfp_offline_to_online__1__*" / "dfp.pt"))
     ckpt = torch.load(path, weights_only=False)
@@ -116,3 +116,21 @@ def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
     np.testing.assert_array_equal(a, common.load_policy(path).act(obs, z))
     plain = common.load_policy(path, best_of_n=False)
     assert plain.noise_shape == (1, 35) and plain.act(obs).shape == (2, 5, 7)
+    # --normalize-obs: the checkpoint carries the data's range, and the actor sees normalised observations
+    data = common.load_dataset("lift", robomimic_lift_file)
+    np.testing.assert_array_equal(plain.obs_norm.low.numpy(), data["observations"].min(0))
+    np.testing.assert_array_equal(plain.obs_norm.high.numpy(), data["observations"].max(0))
+    with torch.no_grad():
+        expected = plain.actor(plain.obs_norm(torch.as_tensor(obs)), torch.as_tensor(z[:, 0])).view(2, 5, 7)
+    np.testing.assert_allclose(plain.act(obs, z[:, :1]), expected.numpy(), atol=1e-6)
+
+
+def test_obs_norm_is_the_identity_by_default_and_maps_the_data_range_to_unit_box():
+    obs = torch.tensor([[0.8, -0.1, 3.0], [1.0, 0.3, 3.0], [0.9, 0.1, 3.0]])
+    norm = dfp.ObsNorm(3)
+    torch.testing.assert_close(norm(obs), obs)  # the paper's raw observations
+    norm.low.copy_(obs.min(0).values), norm.high.copy_(obs.max(0).values)
+    out = norm(obs)
+    torch.testing.assert_close(out.min(0).values[:2], torch.tensor([-1.0, -1.0]))
+    torch.testing.assert_close(out.max(0).values[:2], torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(out).all() and (out[:, 2] == -1).all()  # a constant dimension stays finite
