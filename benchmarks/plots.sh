@@ -9,6 +9,9 @@ python benchmarks/plot_runs.py --runs "$(ls -d runs/lift__dbp_drift__1__*/ | tai
   --title "lift: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_lift.png
 python benchmarks/plot_runs.py --runs "$(last can__dbp_drift)" "$(last can__dbp_mse)" --labels "DBP" "MSE regression" \
   --title "can: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_can.png
+python benchmarks/plot_runs.py --runs "$(last square__dbp_drift)" "$(last square__dbp_mse)" --labels "DBP (stopped at 15k)" \
+  "MSE regression" --title "square: DBP against regression (50-episode evaluations)" \
+  --out benchmarks/results/dbp_vs_mse_square.png
 python benchmarks/plot_runs.py --runs "$(last lift__dfp_normobs_lambda0.5)" "$(last lift__dfp_normobs_lambda0)" \
   --labels "DFP (lambda_topK 0.5)" "DFP w/o L_topK (lambda 0)" --switch 5000 \
   --title "lift: DFP offline (5k) then online (5k), --normalize-obs" --out benchmarks/results/dfp_lift.png
