@@ -81,8 +81,8 @@ def time_calls(policy, infer, n, rng):
     out = []
     for i in range(500 + n):
         t0 = time.perf_counter()
-        z = rng.standard_normal((1, *policy.noise_shape), dtype=np.float32)
-        action = np.clip(infer(obs, z)[0, 0], -1.0, 1.0)
+        z = rng.standard_normal((1, *policy.noise_shape), dtype=np.float32)  # as robot_deploy.Controller does
+        action = np.minimum(np.maximum(infer(obs, z)[0, 0], -1.0), 1.0).astype(np.float32)
         out.append(time.perf_counter() - t0)
         t_next = time.perf_counter() + 5e-4  # pace the calls like a control loop would (caches cool between ticks)
         while time.perf_counter() < t_next:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Learning-curve PNGs (and their CSVs) in benchmarks/results/ from the runs of dbp_vs_mse.sh, dfp_lift.sh
-# and dbpo_lift.sh. `python benchmarks/plot_runs.py --from-csv --out <png>` redraws one from its CSV.
+# Learning-curve PNGs (and their CSVs) in benchmarks/results/ from the runs of dbp_vs_mse.sh, dfp_lift.sh,
+# dfp_lift_long.sh and dbpo_lift.sh (dbpo_lift_30it.*: the script's earlier version, commit 456e9b7).
+# `python benchmarks/plot_runs.py --from-csv --out <png>` redraws one from its CSV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 last() { ls -d runs/$1__*/ | tail -1; }
@@ -15,8 +16,13 @@ python benchmarks/plot_runs.py --runs "$(last square__dbp_drift)" "$(last square
 python benchmarks/plot_runs.py --runs "$(last lift__dfp_normobs_lambda0.5)" "$(last lift__dfp_normobs_lambda0)" \
   --labels "DFP (lambda_topK 0.5)" "DFP w/o L_topK (lambda 0)" --switch 5000 \
   --title "lift: DFP offline (5k) then online (5k), --normalize-obs" --out benchmarks/results/dfp_lift.png
+python benchmarks/plot_runs.py --runs "$(last lift__dfp_long_lambda0.5)" "$(last lift__dfp_long_lambda0)" \
+  --labels "DFP (lambda_topK 0.5)" "DFP w/o L_topK (lambda 0)" --switch 15000 \
+  --title "lift: DFP offline (15k) then online (10k), --normalize-obs" --out benchmarks/results/dfp_lift_long.png
+python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_cpu)" --labels "DBPO, CPU preset (clip 0.1, sigma 0.1), stopped at iteration 70" \
+  --title "lift: DBPO from a 5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_noisy)" \
   --labels "DBPO, unclipped-sample log-prob, actor lr 3e-5" \
-  --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift.png
+  --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift_30it.png
 # The *_clean.png / .csv files are from the clean demos of an earlier session, dfp_lift_rawobs.* from the DFP run
 # on raw observations (--actor-init he, 5k + 4k): redraw them with --from-csv.
