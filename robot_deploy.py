@@ -128,7 +128,7 @@ def eager_chunk(policy, obs, z):
     return run_torch(policy, next(policy.parameters()).device, obs, z)
 
 
-def make_backend(policy, backend, export_dir, threads=1, tol=1e-5):
+def make_backend(policy, backend, export_dir, threads=1):
     """The backend's infer function. TorchScript and ONNX trace the graph at batch 1, the deployment case: a
     fixed shape lets ONNX Runtime drop the shape arithmetic of a dynamic batch (17 nodes instead of 25 for the
     DBP MLP, about 40% less time per call). torch.compile compiles at its first call (5-30 s on 2 cores)."""
@@ -483,7 +483,7 @@ if __name__ == "__main__":
         policy = policy.cuda()
 
     export_dir = run_dir if args.save_model else tempfile.mkdtemp()
-    infer = make_backend(policy, args.backend, export_dir, args.threads, args.parity_tol)
+    infer = make_backend(policy, args.backend, export_dir, args.threads)
     err = check_parity(policy, infer, args.parity_tol)  # also the first calls (torch.compile compiles here)
     print(f"{args.checkpoint}: {type(policy).__name__} To={policy.n_obs_steps} H={policy.horizon} "
           f"Ta={policy.n_action_steps} Do={policy.obs_dim} Da={policy.action_dim}; backend {args.backend} matches "
