@@ -131,7 +131,7 @@ def eager_chunk(policy, obs, z):
 def make_backend(policy, backend, export_dir, threads=1):
     """The backend's infer function. TorchScript and ONNX trace the graph at batch 1, the deployment case: a
     fixed shape lets ONNX Runtime drop the shape arithmetic of a dynamic batch (17 nodes instead of 25 for the
-    DBP MLP, about 40% less time per call). torch.compile compiles at its first call (5-30 s on 2 cores)."""
+    DBP MLP; docs/robot_deploy.md has the timings). torch.compile compiles at its first call (5-30 s on 2 cores)."""
     rng, device = np.random.default_rng(0), next(policy.parameters()).device
     obs1, z1 = (torch.from_numpy(x).to(device) for x in example_inputs(policy, 1, rng))
     with warnings.catch_warnings():  # deprecation notices and tracer warnings: check_parity is the arbiter
