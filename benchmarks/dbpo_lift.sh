@@ -8,12 +8,21 @@
 # --no-clip-logprob-action: the log-prob of the unclipped Gaussian sample (with the paper's clipped one most
 # samples sat at the -2 floor). Deterministic one-call success over 100 episodes before the first update
 # (iteration 0) and every 25 iterations. Reported in the README ("DBPO").
+# Variants: ANCHOR_COEF (default 1.0, the paper's) and EVAL_EVERY (default 25); PRETRAINED=path/dbp.pt skips the
+# pretraining. The README's weaker-anchor run:
+#   ANCHOR_COEF=0.1 EVAL_EVERY=50 PRETRAINED=runs/lift__dbpo_pretrain5k__1__<time>/dbp.pt bash benchmarks/dbpo_lift.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python dbp_bc.py --env-id lift --seed 1 --exp-name dbpo_pretrain5k --total-steps 5000 --eval-every 5000 \
-  --eval-episodes 50 --final-eval-episodes 50 --threads 1
-ckpt="$(ls -td runs/lift__dbpo_pretrain5k__1__*/ | head -n 1)dbp.pt"
+anchor="${ANCHOR_COEF:-1.0}"
+exp="dbpo_lift_cpu"
+if [ "$anchor" != "1.0" ]; then exp="dbpo_lift_anchor${anchor}"; fi
+ckpt="${PRETRAINED:-}"
+if [ -z "$ckpt" ]; then
+  python dbp_bc.py --env-id lift --seed 1 --exp-name dbpo_pretrain5k --total-steps 5000 --eval-every 5000 \
+    --eval-episodes 50 --final-eval-episodes 50 --threads 1
+  ckpt="$(ls -td runs/lift__dbpo_pretrain5k__1__*/ | head -n 1)dbp.pt"
+fi
 python dbpo_online.py --env-id lift --checkpoint "$ckpt" --num-envs 8 --num-steps 64 --num-iterations 100 \
   --update-epochs 5 --minibatch-size 128 --clip-coef 0.1 --sigma-init 0.1 --actor-lr 3e-5 --actor-lr-min 1e-5 \
-  --no-clip-logprob-action --eval-every 25 --eval-episodes 100 --num-eval-envs 4 --exp-name dbpo_lift_cpu \
-  --threads 1
+  --no-clip-logprob-action --anchor-coef "$anchor" --eval-every "${EVAL_EVERY:-25}" --eval-episodes 100 \
+  --num-eval-envs 4 --exp-name "$exp" --threads 1

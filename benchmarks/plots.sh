@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Learning-curve PNGs (and their CSVs) in benchmarks/results/ from the runs of dbp_vs_mse.sh, dfp_lift.sh,
-# dfp_lift_long.sh and dbpo_lift.sh (dbpo_lift_30it.*: the script's earlier version, commit 456e9b7).
+# dfp_lift_long.sh and dbpo_lift.sh (dbpo_lift_anchor0.1.*: its ANCHOR_COEF=0.1 run; dbpo_lift_30it.*: the
+# script's earlier version, commit 456e9b7).
 # `python benchmarks/plot_runs.py --from-csv --out <png>` redraws one from its CSV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ python benchmarks/plot_runs.py --runs "$(last lift__dfp_long_lambda0.5)" "$(last
   --title "lift: DFP offline (15k) then online (10k), --normalize-obs" --out benchmarks/results/dfp_lift_long.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_cpu)" --labels "DBPO, CPU preset (clip 0.1, sigma 0.1), stopped at iteration 70" \
   --title "lift: DBPO from a 5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift.png
+python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_anchor0.1)" \
+  --labels "DBPO, CPU preset with --anchor-coef 0.1" \
+  --title "lift: DBPO from a 5k-step DBP policy, anchor weight 0.1" --out benchmarks/results/dbpo_lift_anchor0.1.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_noisy)" \
   --labels "DBPO, unclipped-sample log-prob, actor lr 3e-5" \
   --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift_30it.png
