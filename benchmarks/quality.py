@@ -6,6 +6,10 @@
     python benchmarks/quality.py --tasks lift --seeds 1 --total-steps 2000 --eval-episodes 10   # a quick look
     python benchmarks/quality.py --plot-only                 # table and plot again from results/quality.csv
 
+The benchmark resumes: a run whose row is already in quality.csv with the same settings (steps, batch, network,
+learning rate, episodes, dataset) and exit code 0 is kept and not run again, so the table can be filled over several
+sittings, seed by seed (--fresh starts over).
+
 Equal budget: every run gets the same dataset (the default file of each task, or --dataset-path), the same
 optimiser steps, batch (observations per step), backbone, learning rate and schedule, EMA, chunking (the
 scripts' defaults: To = 1, H = Ta = 4) and evaluation schedule. DBP's batch also runs its G = 4 generated chunks
@@ -47,7 +51,9 @@ METHODS = {
     "mse": ("dbp_bc.py", ["--loss", "mse"]),
 }
 FIELDS = ["task", "method", "seed", "final_success", "best_success", "best_periodic", "episodes", "total_steps",
-          "batch_size", "backbone", "net", "learning_rate", "wall_s", "train_sps", "returncode", "run_dir", "command"]
+          "batch_size", "backbone", "net", "learning_rate", "dataset", "wall_s", "train_sps", "returncode", "run_dir",
+          "command"]
+SETTINGS = ["episodes", "total_steps", "batch_size", "backbone", "net", "learning_rate", "dataset"]  # must match to reuse
 
 
 @dataclass
@@ -90,6 +96,16 @@ class Args:
     """print the commands and exit"""
     plot_only: bool = False
     """rebuild the summary and the plot from results_dir/quality.csv, without running anything"""
+    fresh: bool = False
+    """ignore the rows already in quality.csv (default: keep the finished runs with the same settings, run the rest)"""
+
+
+def settings(args, task):
+    """The values of SETTINGS for a run of this benchmark, as quality.csv stores them."""
+    dataset = os.path.abspath(args.dataset_path) if args.dataset_path else f"default ({task})"
+    net = " ".join(map(str, args.hidden_dims if args.backbone == "mlp" else args.unet_dims))
+    return dict(episodes=args.eval_episodes, total_steps=args.total_steps, batch_size=args.batch_size,
+                backbone=args.backbone, net=net, learning_rate=args.learning_rate, dataset=dataset)
 
 
 def command(args, task, method, seed):
@@ -137,10 +153,7 @@ def run_one(args, task, method, seed):
         print(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-2000:]}", flush=True)
     return dict(task=task, method=method, seed=seed, final_success=float(final[1]) if final else float("nan"),
                 best_success=float(best[1]) if best else float("nan"),
-                best_periodic=max(periodic, default=float("nan")), episodes=int(final[2]) if final else 0,
-                total_steps=args.total_steps, batch_size=args.batch_size, backbone=args.backbone,
-                net=" ".join(map(str, args.hidden_dims if args.backbone == "mlp" else args.unet_dims)),
-                learning_rate=args.learning_rate, wall_s=round(wall, 1),
+                best_periodic=max(periodic, default=float("nan")), **settings(args, task), wall_s=round(wall, 1),
                 train_sps=round(train_sps(run_dir, min(args.eval_every, args.total_steps)), 1) if run_dir else np.nan,
                 returncode=proc.returncode, run_dir=os.path.relpath(run_dir, args.work_dir) if run_dir else "",
                 command=shlex.join([os.path.relpath(cmd[1], ROOT), *cmd[2:]]))  # the script relative to the repo
@@ -237,7 +250,14 @@ if __name__ == "__main__":
         for task in args.tasks:
             common.load_dataset(task)
     os.makedirs(args.results_dir, exist_ok=True)
-    rows = []
+    rows = []  # finished runs of this benchmark, kept from an earlier sitting unless --fresh
+    if os.path.exists(csv_path) and not args.fresh:
+        with open(csv_path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("returncode") == "0" and (r["task"], r["method"], int(r["seed"]))
+                    in jobs and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items())]
+        done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
+        jobs = [job for job in jobs if job not in done]
+        print(f"resuming: {len(rows)} finished run(s) kept from {csv_path}, {len(jobs)} to run (--fresh: run all)")
     with ThreadPoolExecutor(args.jobs) as pool:
         for i, row in enumerate(pool.map(lambda job: run_one(args, *job), jobs)):
             rows.append(row)

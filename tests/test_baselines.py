@@ -194,16 +194,22 @@ def test_quality_benchmark(tmp_path, robomimic_lift_file):
     assert sum("--loss mse" in c for c in commands) == 6
     # One real tiny run (dbp_bc.py: test_smoke_run_and_reload has run diffusion_bc.py; both print the same lines).
     results = tmp_path / "results"
-    run([sys.executable, script, "--tasks", "lift", "--methods", "dbp", "--seeds", "1",
-         "--total-steps", "20", "--eval-every", "20", "--eval-episodes", "2", "--batch-size", "8",
-         "--hidden-dims", "16", "16", "--dataset-path", robomimic_lift_file, "--work-dir", str(tmp_path),
-         "--results-dir", str(results)])
+    tiny = [sys.executable, script, "--tasks", "lift", "--methods", "dbp", "--seeds", "1",
+            "--total-steps", "20", "--eval-every", "20", "--eval-episodes", "2", "--batch-size", "8",
+            "--hidden-dims", "16", "16", "--dataset-path", robomimic_lift_file, "--work-dir", str(tmp_path),
+            "--results-dir", str(results)]
+    run(tiny)
     with open(results / "quality.csv") as f:
         rows = list(csv.DictReader(f))
     r, = rows
     assert (r["task"], r["method"], r["seed"], r["returncode"], r["episodes"]) == ("lift", "dbp", "1", "0", "2")
     assert 0 <= float(r["final_success"]) <= 1 and 0 <= float(r["best_success"]) <= 1 and float(r["wall_s"]) > 0
     assert glob.glob(str(tmp_path / r["run_dir"] / "dbp.pt"))
+    # The same command again resumes: the finished run is kept, not repeated.
+    out = run(tiny)
+    assert "resuming: 1 finished run(s) kept" in out and "0 to run" in out
+    with open(results / "quality.csv") as f:
+        assert list(csv.DictReader(f)) == rows
     os.remove(results / "quality.png")
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results)])
     assert "| lift | dbp | 1 |" in out and (results / "quality.png").exists()
