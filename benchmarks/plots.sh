@@ -11,6 +11,9 @@ python benchmarks/plot_runs.py --runs "$(ls -d runs/lift__dbp_drift__1__*/ | tai
   --title "lift: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_lift.png
 python benchmarks/plot_runs.py --runs "$(last can__dbp_drift)" "$(last can__dbp_mse)" --labels "DBP" "MSE regression" \
   --title "can: DBP against regression (50-episode evaluations)" --out benchmarks/results/dbp_vs_mse_can.png
+python benchmarks/plot_runs.py --runs "$(last can__dbp_drift_60k)" "$(last can__dbp_mse_60k)" "$(last can__dbp_drift_to2_60k)" \
+  --labels "DBP" "MSE regression" "DBP, To = 2, H = 5" --title "can: DBP against regression, 60k steps (50-episode evaluations)" \
+  --out benchmarks/results/dbp_vs_mse_can_60k.png
 python benchmarks/plot_runs.py --runs "$(last square__dbp_drift)" "$(last square__dbp_mse)" --labels "DBP (stopped at 15k)" \
   "MSE regression" --title "square: DBP against regression (50-episode evaluations)" \
   --out benchmarks/results/dbp_vs_mse_square.png
