@@ -53,7 +53,6 @@ METHODS = {
 FIELDS = ["task", "method", "seed", "final_success", "best_success", "best_periodic", "episodes", "total_steps",
           "batch_size", "backbone", "net", "learning_rate", "dataset", "wall_s", "train_sps", "returncode", "run_dir",
           "command"]
-SETTINGS = ["episodes", "total_steps", "batch_size", "backbone", "net", "learning_rate", "dataset"]  # must match to reuse
 
 
 @dataclass
@@ -101,7 +100,7 @@ class Args:
 
 
 def settings(args, task):
-    """The values of SETTINGS for a run of this benchmark, as quality.csv stores them."""
+    """The settings a finished run in quality.csv must share to be reused, as the CSV stores them."""
     dataset = os.path.abspath(args.dataset_path) if args.dataset_path else f"default ({task})"
     net = " ".join(map(str, args.hidden_dims if args.backbone == "mlp" else args.unet_dims))
     return dict(episodes=args.eval_episodes, total_steps=args.total_steps, batch_size=args.batch_size,
@@ -250,18 +249,20 @@ if __name__ == "__main__":
         for task in args.tasks:
             common.load_dataset(task)
     os.makedirs(args.results_dir, exist_ok=True)
-    rows = []  # finished runs of this benchmark, kept from an earlier sitting unless --fresh
+    rows, others = [], []  # finished runs of this benchmark kept from an earlier sitting; rows of other runs
     if os.path.exists(csv_path) and not args.fresh:
         with open(csv_path) as f:
-            rows = [r for r in csv.DictReader(f) if r.get("returncode") == "0" and (r["task"], r["method"], int(r["seed"]))
-                    in jobs and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items())]
+            for r in csv.DictReader(f):
+                key = (r["task"], r["method"], int(r["seed"]))
+                same = r.get("returncode") == "0" and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items())
+                (rows if key in jobs and same else others if key not in jobs else []).append(r)
         done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
         jobs = [job for job in jobs if job not in done]
         print(f"resuming: {len(rows)} finished run(s) kept from {csv_path}, {len(jobs)} to run (--fresh: run all)")
     with ThreadPoolExecutor(args.jobs) as pool:
         for i, row in enumerate(pool.map(lambda job: run_one(args, *job), jobs)):
             rows.append(row)
-            write_csv(rows, csv_path)  # after every run: an interrupted benchmark keeps what it finished
+            write_csv(others + rows, csv_path)  # after every run: an interrupted benchmark keeps what it finished
             print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['method']} seed {row['seed']}: "
                   f"final {row['final_success']}, best {row['best_success']} ({row['wall_s']:.0f} s)", flush=True)
     report(rows, args.results_dir)

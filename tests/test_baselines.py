@@ -210,6 +210,11 @@ def test_quality_benchmark(tmp_path, robomimic_lift_file):
     assert "resuming: 1 finished run(s) kept" in out and "0 to run" in out
     with open(results / "quality.csv") as f:
         assert list(csv.DictReader(f)) == rows
+    # Another method's run adds its row and leaves the finished one as it was.
+    run([*tiny[:tiny.index("--methods") + 1], "mse", *tiny[tiny.index("--methods") + 2:]])
+    with open(results / "quality.csv") as f:
+        both = list(csv.DictReader(f))
+    assert both[0] == r and [x["method"] for x in both] == ["dbp", "mse"]
     os.remove(results / "quality.png")
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results)])
     assert "| lift | dbp | 1 |" in out and (results / "quality.png").exists()
