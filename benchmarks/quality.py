@@ -210,7 +210,7 @@ def plot(rows, path):
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("success rate")
         ax.set_title(f"{task}: {rows[0]['total_steps']} steps, {rows[0]['episodes']} episodes")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
