@@ -253,9 +253,10 @@ if __name__ == "__main__":
     if os.path.exists(csv_path) and not args.fresh:
         with open(csv_path) as f:
             for r in csv.DictReader(f):
-                key = (r["task"], r["method"], int(r["seed"]))
-                same = r.get("returncode") == "0" and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items())
-                (rows if key in jobs and same else others if key not in jobs else []).append(r)
+                if (r["task"], r["method"], int(r["seed"])) not in jobs:
+                    others.append(r)  # another call's run: written back and summarised as it is
+                elif r.get("returncode") == "0" and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items()):
+                    rows.append(r)  # finished with these settings: kept, not run again (else it is run again)
         done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
         jobs = [job for job in jobs if job not in done]
         print(f"resuming: {len(rows)} finished run(s) kept from {csv_path}, {len(jobs)} to run (--fresh: run all)")
@@ -265,4 +266,4 @@ if __name__ == "__main__":
             write_csv(others + rows, csv_path)  # after every run: an interrupted benchmark keeps what it finished
             print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['method']} seed {row['seed']}: "
                   f"final {row['final_success']}, best {row['best_success']} ({row['wall_s']:.0f} s)", flush=True)
-    report(rows, args.results_dir)
+    report(others + rows, args.results_dir)  # the whole CSV, as --plot-only

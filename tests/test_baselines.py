@@ -215,6 +215,8 @@ def test_quality_benchmark(tmp_path, robomimic_lift_file):
     with open(results / "quality.csv") as f:
         both = list(csv.DictReader(f))
     assert both[0] == r and [x["method"] for x in both] == ["dbp", "mse"]
+    summary = (results / "quality_summary.md").read_text()  # the summary covers the whole CSV, not this call
+    assert "| lift | dbp | 1 |" in summary and "| lift | mse | 1 |" in summary
     os.remove(results / "quality.png")
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results)])
     assert "| lift | dbp | 1 |" in out and (results / "quality.png").exists()
