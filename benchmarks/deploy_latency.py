@@ -9,6 +9,8 @@ To = 1, H = Ta = 4). Random weights unless --checkpoint is given: latency does n
 Per backend, 1 torch / onnxruntime thread, warm-up calls left out, all times on time.perf_counter:
   call        in-process observation -> action: noise sampling, normalisation, network, unnormalisation, clip
               (a direct call to the backend; p50 / p95 / p99 / max over --calls calls, one every 0.5 ms)
+  floor       the same timing with the network replaced by a precomputed chunk (noise, clip and the clock reads
+              only): what this machine costs before any inference; the call's p99 cannot go below it
   loop        robot_deploy.run_loop at --loop-hz for --loop-seconds with a stand-in robot (a fixed observation,
               no physics): every tick's observation -> action through the Controller (a new chunk every Ta ticks,
               through the watchdog's worker thread, or inline with --no-inference-thread), wake-up jitter,
@@ -131,6 +133,9 @@ if __name__ == "__main__":
     print(f"{type(policy).__name__} Do={policy.obs_dim} Da={policy.action_dim} H={policy.horizon} "
           f"Ta={policy.n_action_steps}; {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"{scheduler} scheduling")
+    chunk = rd.eager_chunk(policy, *rd.example_inputs(policy, 1, np.random.default_rng(0)))
+    floor = time_calls(policy, lambda obs, z: chunk, args.calls, np.random.default_rng(0))
+    print("floor (no network) p50 / p95 / p99 / max: " + " / ".join(f"{x:.0f}" for x in floor) + " us", flush=True)
     rows = []
     for backend in args.backends:
         t = time.perf_counter()
@@ -139,6 +144,7 @@ if __name__ == "__main__":
         row = {"backend": backend, "parity_err": err, "setup_s": time.perf_counter() - t}
         row.update(zip(("call_p50_us", "call_p95_us", "call_p99_us", "call_max_us"),
                        time_calls(policy, infer, args.calls, np.random.default_rng(0))))
+        row.update({"floor_p50_us": floor[0], "floor_p99_us": floor[2]})
         loop_args = rd.Args(hz=args.loop_hz, inference_thread=args.inference_thread)  # watchdog at half a period
         controller = rd.Controller(policy, infer, loop_args, -np.ones(policy.action_dim), np.ones(policy.action_dim))
         stats = rd.LoopStats(warmup=int(args.loop_hz))  # the first second is warm-up
@@ -158,7 +164,7 @@ if __name__ == "__main__":
         print(f"  {backend}: done ({time.perf_counter() - t:.0f} s)", flush=True)
 
     cols = [("backend", "{}"), ("call_p50_us", "{:.0f}"), ("call_p95_us", "{:.0f}"), ("call_p99_us", "{:.0f}"),
-            ("call_max_us", "{:.0f}"), ("loop_chunk_latency_p99_us", "{:.0f}"), ("loop_jitter_p99_us", "{:.0f}"),
+            ("call_max_us", "{:.0f}"), ("floor_p99_us", "{:.0f}"), ("loop_chunk_latency_p99_us", "{:.0f}"), ("loop_jitter_p99_us", "{:.0f}"),
             ("loop_miss_pct", "{:.3f}"), ("loop_watchdog_pct", "{:.3f}"), ("server_rtt_p50_us", "{:.0f}"),
             ("server_rtt_p99_us", "{:.0f}"), ("server_chunk_rtt_p99_us", "{:.0f}"), ("server_miss_pct", "{:.3f}"),
             ("load_avg_1min", "{:.2f}")]

@@ -170,7 +170,7 @@ def summarize(rows):
     lines = ["| task | method | runs | final success | best success | best periodic | wall s | train steps/s |",
              "|---|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+        for method in [m for m in METHODS if any(r["task"] == task and r["method"] == m for r in rows)]:
             sub = [r for r in rows if r["task"] == task and r["method"] == method]
             ok = [r for r in sub if np.isfinite(float(r["final_success"]))]
 
@@ -197,7 +197,7 @@ def plot(rows, path):
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        methods = list(dict.fromkeys(r["method"] for r in rows if r["task"] == task))
+        methods = [m for m in METHODS if any(r["task"] == task and r["method"] == m for r in rows)]  # one order
         for j, (key, label) in enumerate((("final_success", "final"), ("best_success", "best"))):
             x = np.arange(len(methods)) + (j - 0.5) * 0.4
             values = [np.array([float(r[key]) for r in rows if r["task"] == task and r["method"] == m]) for m in methods]

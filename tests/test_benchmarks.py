@@ -30,6 +30,7 @@ def test_deploy_latency_writes_its_table(tmp_path):
         "--out", out_csv)
     rows = list(csv.DictReader(open(out_csv)))
     assert len(rows) == 1 and rows[0]["backend"] == "eager" and float(rows[0]["call_p50_us"]) > 0
+    assert float(rows[0]["floor_p99_us"]) > 0  # the no-network floor, measured once and written with each row
 
 
 def test_dfp_paper_commands_cover_the_12_tasks_times_seeds():
