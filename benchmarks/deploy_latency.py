@@ -10,7 +10,7 @@ Per backend, 1 torch / onnxruntime thread, warm-up calls left out, all times on 
   call        in-process observation -> action: noise sampling, normalisation, network, unnormalisation, clip
               (a direct call to the backend; p50 / p95 / p99 / max over --calls calls, one every 0.5 ms)
   floor       the same timing with the network replaced by a precomputed chunk (noise, clip and the clock reads
-              only): what this machine costs before any inference; the call's p99 cannot go below it
+              only): what this machine costs before any inference, a part of every call's time
   loop        robot_deploy.run_loop at --loop-hz for --loop-seconds with a stand-in robot (a fixed observation,
               no physics): every tick's observation -> action through the Controller (a new chunk every Ta ticks,
               through the watchdog's worker thread, or inline with --no-inference-thread), wake-up jitter,
@@ -164,7 +164,8 @@ if __name__ == "__main__":
         print(f"  {backend}: done ({time.perf_counter() - t:.0f} s)", flush=True)
 
     cols = [("backend", "{}"), ("call_p50_us", "{:.0f}"), ("call_p95_us", "{:.0f}"), ("call_p99_us", "{:.0f}"),
-            ("call_max_us", "{:.0f}"), ("floor_p99_us", "{:.0f}"), ("loop_chunk_latency_p99_us", "{:.0f}"), ("loop_jitter_p99_us", "{:.0f}"),
+            ("call_max_us", "{:.0f}"), ("floor_p99_us", "{:.0f}"), ("loop_chunk_latency_p99_us", "{:.0f}"),
+            ("loop_jitter_p99_us", "{:.0f}"),
             ("loop_miss_pct", "{:.3f}"), ("loop_watchdog_pct", "{:.3f}"), ("server_rtt_p50_us", "{:.0f}"),
             ("server_rtt_p99_us", "{:.0f}"), ("server_chunk_rtt_p99_us", "{:.0f}"), ("server_miss_pct", "{:.3f}"),
             ("load_avg_1min", "{:.2f}")]
