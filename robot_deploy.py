@@ -309,6 +309,22 @@ class RateScheduler:
         return tick
 
 
+def rt_throttling_warning(hz, busy_wait_s, proc="/proc/sys/kernel"):
+    """A real-time (SCHED_FIFO / RR) thread that spins most of every period is stopped by the kernel's RT throttling
+    for 50 ms of every second (sched_rt_runtime_us = 950000 of sched_rt_period_us = 1000000 by default): about
+    5% of the ticks of a 1 kHz loop. A message that says so, or None."""
+    try:
+        runtime, period = (int(open(os.path.join(proc, f"sched_rt_{k}_us")).read()) for k in ("runtime", "period"))
+    except (OSError, ValueError):
+        return None
+    if os.sched_getscheduler(0) not in (os.SCHED_FIFO, os.SCHED_RR) or runtime < 0 or busy_wait_s * hz < 0.9:
+        return None
+    return (f"warning: this real-time loop spins {100 * min(busy_wait_s * hz, 1):.0f}% of each period, and the "
+            f"kernel's RT throttling will stop it for {(period - runtime) / 1e3:.0f} ms in every {period / 1e6:g} s "
+            f"(sched_rt_runtime_us = {runtime}). Lift it as real-time robot set-ups do "
+            f"(`sudo sysctl kernel.sched_rt_runtime_us=-1`), or spin less (--busy-wait-us)")
+
+
 class LoopStats:
     """Per-tick records after warm-up: latency (observation -> action), chunk inferred, watchdog fired, jitter,
     deadline missed, ticks skipped before this one. A server has no ticks: its jitter is nan, its misses 0."""
@@ -490,6 +506,8 @@ if __name__ == "__main__":
           f"eager within {err:.1e}; {args.execution} execution at {args.hz:g} Hz")
 
     stop, stats = threading.Event(), LoopStats(args.warmup_ticks)
+    if args.robot == "sim" and (message := rt_throttling_warning(args.hz, args.busy_wait_us * 1e-6)):
+        print(message)
 
     def on_sigint(*_):  # first Ctrl-C: stop cleanly and print the statistics; a second one: stop at once
         if stop.is_set():

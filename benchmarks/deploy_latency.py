@@ -4,7 +4,9 @@ To = 1, H = Ta = 4). Random weights unless --checkpoint is given: latency does n
     python benchmarks/deploy_latency.py                           # all backends, 60 s at 1 kHz each (~6 min)
     python benchmarks/deploy_latency.py --backends onnx eager --loop-seconds 10
     python benchmarks/deploy_latency.py --backends onnx --no-inference-thread   # inference inline in the loop
-    sudo chrt -f 10 python benchmarks/deploy_latency.py      # real-time priority (SCHED_FIFO), as a robot would run
+    sudo chrt -f 50 python benchmarks/deploy_latency.py      # real-time priority (SCHED_FIFO), as a robot would run
+    # ... after `sudo sysctl kernel.sched_rt_runtime_us=-1` (RT throttling off; the README's table, scheduler
+    # "fifo_unthrottled" in the CSV): else the kernel stops a real-time loop that spins its whole period 50 ms a second
 
 Per backend, 1 torch / onnxruntime thread, warm-up calls left out, all times on time.perf_counter:
   call        in-process observation -> action: noise sampling, normalisation, network, unnormalisation, clip
@@ -60,6 +62,8 @@ class Args:
     """timed server requests per backend (after 200 warm-up requests)"""
     inference_thread: bool = True
     """loop and server: inference in robot_deploy's watchdog thread (--no-inference-thread: inline)"""
+    busy_wait_us: float = 1000.0
+    """loop: robot_deploy's --busy-wait-us (sleep until this long before each tick, then spin)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "deploy_latency.csv")
     """CSV file of the table"""
 
@@ -130,9 +134,13 @@ if __name__ == "__main__":
         common.save_checkpoint(checkpoint, dict(policy_module="dbp_bc", policy_kwargs=kw, model=policy.state_dict(),
                                                 ema_model=policy.state_dict(), env_id="lift", args={}, step=0))
     load, scheduler = os.getloadavg(), "fifo" if os.sched_getscheduler(0) == os.SCHED_FIFO else "normal"
+    with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
+        scheduler += "_unthrottled" if scheduler == "fifo" and int(f.read()) < 0 else ""  # RT throttling off
     print(f"{type(policy).__name__} Do={policy.obs_dim} Da={policy.action_dim} H={policy.horizon} "
           f"Ta={policy.n_action_steps}; {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"{scheduler} scheduling")
+    if message := rd.rt_throttling_warning(args.loop_hz, args.busy_wait_us * 1e-6):
+        print(message)
     chunk = rd.eager_chunk(policy, *rd.example_inputs(policy, 1, np.random.default_rng(0)))
     floor = time_calls(policy, lambda obs, z: chunk, args.calls, np.random.default_rng(0))
     print("floor (no network) p50 / p95 / p99 / max: " + " / ".join(f"{x:.0f}" for x in floor) + " us", flush=True)
@@ -150,7 +158,7 @@ if __name__ == "__main__":
         stats = rd.LoopStats(warmup=int(args.loop_hz))  # the first second is warm-up
         n = int(args.loop_hz * (args.loop_seconds + 1))
         rd.run_loop(StandInRobot(rd.example_inputs(policy, 1, np.random.default_rng(1))[0][0, -1]), controller,
-                    args.loop_hz, stats, threading.Event(), max_ticks=n)
+                    args.loop_hz, stats, threading.Event(), max_ticks=n, busy_wait_s=args.busy_wait_us * 1e-6)
         controller.worker.close()
         s = stats.summary()
         row.update({f"loop_{k}_us": 1e3 * s[f"{k}_ms"] for k in ("latency_p50", "latency_p99", "chunk_latency_p50",
@@ -159,7 +167,7 @@ if __name__ == "__main__":
                     "loop_watchdog_pct": 100 * s["watchdog_ticks"] / max(s["ticks"], 1)})
         row.update(time_server(checkpoint, backend, args, tmp))
         row.update({"load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "scheduler": scheduler,
-                    "inference_thread": args.inference_thread})
+                    "inference_thread": args.inference_thread, "busy_wait_us": args.busy_wait_us})
         rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         print(f"  {backend}: done ({time.perf_counter() - t:.0f} s)", flush=True)
 

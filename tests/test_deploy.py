@@ -176,6 +176,23 @@ def test_scheduler_keeps_the_rate_and_counts_skipped_ticks():
     assert s.skipped - skipped >= 3
 
 
+def test_rt_throttling_warning_only_for_a_real_time_loop_that_spins_under_throttling(tmp_path, monkeypatch):
+    def proc(runtime):
+        (tmp_path / "sched_rt_runtime_us").write_text(f"{runtime}\n")
+        (tmp_path / "sched_rt_period_us").write_text("1000000\n")
+        return str(tmp_path)
+
+    monkeypatch.setattr(rd.os, "sched_getscheduler", lambda pid: rd.os.SCHED_FIFO)
+    message = rd.rt_throttling_warning(1000, 1e-3, proc(950000))
+    assert "50 ms in every 1 s" in message and "sched_rt_runtime_us=-1" in message
+    assert rd.rt_throttling_warning(1000, 1e-3, proc(-1)) is None  # throttling lifted
+    assert rd.rt_throttling_warning(1000, 3e-4, proc(950000)) is None  # sleeps 70% of each period
+    assert rd.rt_throttling_warning(20, 1e-3, proc(950000)) is None
+    assert rd.rt_throttling_warning(1000, 1e-3, str(tmp_path / "missing")) is None
+    monkeypatch.setattr(rd.os, "sched_getscheduler", lambda pid: rd.os.SCHED_OTHER)
+    assert rd.rt_throttling_warning(1000, 1e-3, proc(950000)) is None  # not real-time: never throttled
+
+
 class StallingRobot:
     """A stand-in robot whose 5th action takes 3.5 control periods (period 1e9: never)."""
 
