@@ -218,8 +218,11 @@ def test_loop_counts_late_and_skipped_ticks_as_deadline_misses(ckpts):
         s = stats.summary()
         if infer is slow:  # a new chunk at ticks 0, 4, 8: each action is ready after its tick's slot
             assert s["ticks"] == 10 and s["deadline_misses"] >= 3 and s["chunk_latency_p50_ms"] > 10, s
-        else:  # the 5th tick stalls 3.5 periods: 2 ticks skipped, the next one late by half a period
-            assert s["ticks"] == 10 and 2 <= s["deadline_misses"] <= 4 and s["jitter_max_ms"] > 3, s
+        else:  # the 5th tick stalls 3.5 periods: the loop skips whole periods (2, or 3 if that tick itself ran
+            # late on a busy machine) and wakes late by the rest, so skipped periods + lateness >= 2.5 periods
+            skipped = int(np.array(stats.rows)[:, 5].sum())
+            assert s["ticks"] == 10 and skipped >= 2 and s["deadline_misses"] >= skipped, s
+            assert 10 * skipped + s["jitter_max_ms"] >= 25 - 0.5, (skipped, s)
 
 
 def serve_in_thread(policy, infer, args):
