@@ -134,8 +134,9 @@ if __name__ == "__main__":
         common.save_checkpoint(checkpoint, dict(policy_module="dbp_bc", policy_kwargs=kw, model=policy.state_dict(),
                                                 ema_model=policy.state_dict(), env_id="lift", args={}, step=0))
     load, scheduler = os.getloadavg(), "fifo" if os.sched_getscheduler(0) == os.SCHED_FIFO else "normal"
-    with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
-        scheduler += "_unthrottled" if scheduler == "fifo" and int(f.read()) < 0 else ""  # RT throttling off
+    if scheduler == "fifo":
+        with open("/proc/sys/kernel/sched_rt_runtime_us") as f:
+            scheduler += "_unthrottled" if int(f.read()) < 0 else ""  # RT throttling off
     print(f"{type(policy).__name__} Do={policy.obs_dim} Da={policy.action_dim} H={policy.horizon} "
           f"Ta={policy.n_action_steps}; {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
           f"{scheduler} scheduling")
