@@ -113,6 +113,10 @@ class Args:
     """upper clamp of the std"""
     logprob_min: float = -2.0
     """per-dimension log-probabilities are clamped from below here"""
+    chunk_baseline: bool = False
+    """value baseline V(s, f(z, s)) instead of V(s): it also sees the mean chunk that z picked (not in the paper).
+    z is drawn before the Gaussian perturbation, so the policy gradient stays unbiased, and the return variance
+    that z explains (which mode the chunk commits to) leaves the advantage (docs/dbpo_online.md)"""
     clip_logprob_action: bool = True
     """the paper: the log-prob is of the action clipped to [-1, 1]. --no-clip-logprob-action: of the unclipped
     Gaussian sample (the env still gets the clipped one), so a mean saturated past +-1 keeps its gradient"""
@@ -181,9 +185,15 @@ def executed_logprob(mu, sigma, action, start, n_action_steps, logprob_min):
     return logp.mean(dim=(1, 2)).clamp_min(logprob_min)
 
 
-def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv, returns, args):
+def critic_input(obs_n, mu, chunk_baseline):
+    """V(s) sees the flattened normalised observation history; V(s, f(z, s)) the mean chunk too."""
+    return torch.cat([obs_n.flatten(1), mu.flatten(1)], 1) if chunk_baseline else obs_n.flatten(1)
+
+
+def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv, returns, args, old_mu=None):
     """PPO loss on a minibatch: clipped surrogate - entropy + value loss + anchor. mu is recomputed with the
-    stored z, so the ratio is an exact Gaussian likelihood ratio. Returns (loss, info)."""
+    stored z, so the ratio is an exact Gaussian likelihood ratio. old_mu (the rollout's mean chunk) is the
+    critic's second input with --chunk-baseline. Returns (loss, info)."""
     To, Ta = policy.n_obs_steps, policy.n_action_steps
     obs_n = policy.normalize_obs(obs)
     mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(z.shape)
@@ -196,7 +206,7 @@ def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv,
     # Entropy of the Gaussian head (per dimension, over the executed prefix).
     entropy = (0.5 + 0.5 * math.log(2 * math.pi) + sigma[:, To - 1: To - 1 + Ta].log()).mean()
     # Value loss.
-    v_loss = 0.5 * ((critic(obs_n.flatten(1)).squeeze(-1) - returns) ** 2).mean()
+    v_loss = 0.5 * ((critic(critic_input(obs_n, old_mu, args.chunk_baseline)).squeeze(-1) - returns) ** 2).mean()
     # Anchor loss: stay close to the frozen pretrained policy at the same z.
     with torch.no_grad():
         anchor_mu = anchor.generate(obs_n, z)
@@ -265,7 +275,7 @@ if __name__ == "__main__":
     To, H, Ta, Da = policy.n_obs_steps, policy.horizon, policy.n_action_steps, policy.action_dim
     cond_dim = To * policy.obs_dim
     sigma_head = GaussianHead(cond_dim, H * Da, args.sigma_init, args.sigma_min, args.sigma_max).to(device)
-    critic = value_net(cond_dim).to(device)
+    critic = value_net(cond_dim + H * Da * args.chunk_baseline).to(device)
     actor_params = [*policy.parameters(), *sigma_head.parameters()]
     actor_opt = torch.optim.AdamW(actor_params, lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
@@ -303,10 +313,10 @@ if __name__ == "__main__":
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     N, T = args.num_envs, args.num_steps
     obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)
-    z_buf, act_buf = torch.zeros(T, N, H, Da, device=device), torch.zeros(T, N, H, Da, device=device)
+    z_buf, mu_buf, act_buf = (torch.zeros(T, N, H, Da, device=device) for _ in range(3))
     logp_buf, value_buf, next_value_buf, reward_buf, term_buf, done_buf = (torch.zeros(T, N, device=device) for _ in range(6))
     next_obs, _ = envs.reset(seed=[args.seed + i for i in range(N)])
-    next_obs = torch.as_tensor(next_obs, device=device)
+    next_obs, next_z = torch.as_tensor(next_obs, device=device), torch.randn(N, H, Da, device=device)
     ep_return, ep_len = np.zeros(N), np.zeros(N, int)
     start_time, env_steps = time.time(), 0
 
@@ -315,19 +325,19 @@ if __name__ == "__main__":
             opt.param_groups[0]["lr"] = lr_at(iteration - 1, lr, lr_min)
 
         # Rollout: a = clip(mu + sigma * xi, mu +- 3 sigma, [-1, 1]) in normalised action space; store z and a.
+        # Each decision's z is drawn one step ahead, so that the bootstrap value can see it (--chunk-baseline).
         for t in range(T):
             with torch.no_grad():
-                obs_n = policy.normalize_obs(next_obs)
-                z = torch.randn(N, H, Da, device=device)
+                obs_n, z = policy.normalize_obs(next_obs), next_z
                 mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(N, H, Da)
                 action = torch.min(torch.max(mu + sigma * torch.randn_like(mu), mu - 3 * sigma), mu + 3 * sigma)
                 if args.clip_logprob_action:  # the paper: the log-prob of the action clipped to [-1, 1]
                     action = action.clamp(-1, 1)
                 logp = executed_logprob(mu, sigma, action, To - 1, Ta, args.logprob_min)
-                value = critic(obs_n.flatten(1)).squeeze(-1)
+                value = critic(critic_input(obs_n, mu, args.chunk_baseline)).squeeze(-1)
             env_chunk = policy.unnormalize_action(action.clamp(-1, 1))[:, To - 1: To - 1 + Ta].clamp(-1, 1)
             obs_np, reward, terminated, truncated, info = envs.step(env_chunk.cpu().numpy())
-            obs_buf[t], z_buf[t], act_buf[t], logp_buf[t], value_buf[t] = next_obs, z, action, logp, value
+            obs_buf[t], z_buf[t], mu_buf[t], act_buf[t], logp_buf[t], value_buf[t] = next_obs, z, mu, action, logp, value
             reward_buf[t] = torch.as_tensor(reward, device=device)
             term_buf[t] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
             done = terminated | truncated
@@ -336,8 +346,10 @@ if __name__ == "__main__":
             bootstrap_obs = next_obs.clone()
             for i in np.flatnonzero(done):  # V(final observation), not of the reset one
                 bootstrap_obs[i] = torch.as_tensor(info["final_obs"][i], device=device)
-            with torch.no_grad():
-                next_value_buf[t] = critic(policy.normalize_obs(bootstrap_obs).flatten(1)).squeeze(-1)
+            with torch.no_grad():  # (after an episode end: V(final obs, f(z', final obs)) with the next z')
+                next_z, bootstrap_n = torch.randn(N, H, Da, device=device), policy.normalize_obs(bootstrap_obs)
+                next_mu = policy.generate(bootstrap_n, next_z) if args.chunk_baseline else None
+                next_value_buf[t] = critic(critic_input(bootstrap_n, next_mu, args.chunk_baseline)).squeeze(-1)
             # TRY NOT TO MODIFY: episode bookkeeping
             ep_return += reward
             ep_len += 1
@@ -352,7 +364,7 @@ if __name__ == "__main__":
         advantages, returns = gae(rewards, value_buf, next_value_buf, term_buf, done_buf, args.gamma, args.gae_lambda)
 
         # ALGO LOGIC: PPO on the one-step policy, with the anchor to the pretrained policy at the same z.
-        b_obs, b_z, b_act = obs_buf.flatten(0, 1), z_buf.flatten(0, 1), act_buf.flatten(0, 1)
+        b_obs, b_z, b_mu, b_act = obs_buf.flatten(0, 1), z_buf.flatten(0, 1), mu_buf.flatten(0, 1), act_buf.flatten(0, 1)
         b_logp, b_adv, b_ret = logp_buf.flatten(), advantages.flatten(), returns.flatten()
         batch, mb_size = N * T, min(args.minibatch_size, N * T)
         for epoch in range(args.update_epochs):
@@ -360,7 +372,7 @@ if __name__ == "__main__":
             for start in range(0, batch, mb_size):
                 mb = perm[start: start + mb_size]
                 loss, info = dbpo_loss(policy, sigma_head, critic, anchor, b_obs[mb], b_z[mb], b_act[mb], b_logp[mb],
-                                       b_adv[mb], b_ret[mb], args)
+                                       b_adv[mb], b_ret[mb], args, b_mu[mb])
                 actor_opt.zero_grad(set_to_none=True), critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)

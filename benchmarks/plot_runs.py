@@ -26,6 +26,8 @@ class Args:
     """one legend label per run (default: the run directory names)"""
     tag: str = "eval/success_rate"
     """scalar to plot"""
+    xlabel: str = "step"
+    """x-axis label (DBPO logs its evaluations by iteration)"""
     switch: Optional[int] = None
     """draw a vertical line here (DFP: the offline-to-online switch, = --offline-steps)"""
     title: str = ""
@@ -76,7 +78,7 @@ if __name__ == "__main__":
     if args.switch is not None:
         ax.axvline(args.switch, color="gray", linestyle="--", linewidth=1)
         ax.text(args.switch, 0.02, " online", color="gray")
-    ax.set(xlabel="step", ylabel=args.tag.split("/")[-1].replace("_", " "), ylim=(-0.02, 1.02), title=args.title)
+    ax.set(xlabel=args.xlabel, ylabel=args.tag.split("/")[-1].replace("_", " "), ylim=(-0.02, 1.02), title=args.title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -33,3 +33,7 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_noisy)" \
   --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift_30it.png
 # The *_clean.png / .csv files are from the clean demos of an earlier session, dfp_lift_rawobs.* from the DFP run
 # on raw observations (--actor-init he, 5k + 4k): redraw them with --from-csv.
+python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_chunkbase)" "$(last lift__dbpo_lift_16env)" \
+  --labels "V(s, f(z, s)) baseline (--chunk-baseline), 40 iterations" "V(s) baseline, same settings, stopped near iteration 35" \
+  --xlabel iteration --title "lift: DBPO, 16 envs x 64 decisions, critic warm-up 10 iterations" \
+  --out benchmarks/results/dbpo_lift_chunk_baseline.png

@@ -1,4 +1,5 @@
-"""dbpo_online.py: exact Gaussian log-probability, ratio 1 and anchor 0 before an update, GAE, chunk env, smoke run."""
+"""dbpo_online.py: exact Gaussian log-probability, ratio 1 and anchor 0 before an update, the chunk baseline,
+GAE, chunk env, smoke runs."""
 
 import copy
 import glob
@@ -9,6 +10,7 @@ import sys
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
 import common
@@ -78,6 +80,32 @@ def test_a_ppo_step_moves_the_mean_toward_a_rewarded_action_and_ignores_floored_
                torch.autograd.grad(loss1, list(policy.parameters()), allow_unused=True))
 
 
+def test_chunk_baseline_sees_the_mean_chunk_and_leaves_the_actor_gradient_alone():
+    torch.manual_seed(0)
+    policy = DriftPolicy(obs_dim=5, action_dim=2, n_obs_steps=1, horizon=4, n_action_steps=4, hidden_dims=(32, 32))
+    head = dbpo.GaussianHead(5, 8, 0.1, 0.03, 0.1)
+    obs, z = torch.randn(16, 1, 5), torch.randn(16, 4, 2)
+    with torch.no_grad():
+        obs_n = policy.normalize_obs(obs)
+        mu = policy.generate(obs_n, z)
+    action, logp, adv, ret = mu + 0.05 * torch.randn_like(mu), torch.full((16,), -1.0), torch.randn(16), torch.randn(16)
+    # V(s, f(z, s)): the same observation with two different mean chunks gives two different critic inputs.
+    x = dbpo.critic_input(obs_n[[0, 0]], mu[[0, 1]], chunk_baseline=True)
+    assert x.shape == (2, 5 + 8) and not torch.equal(x[0], x[1])
+    assert dbpo.critic_input(obs_n, mu, chunk_baseline=False).shape == (16, 5)
+    # The baseline changes the advantages only: for the same advantages the actor's gradient is the same, and the
+    # value loss reaches the critic but not the policy through the stored mean chunk.
+    grads = {}
+    for chunk_baseline in (False, True):
+        args = dbpo.Args(chunk_baseline=chunk_baseline)
+        critic = dbpo.value_net(5 + 8 * chunk_baseline)
+        loss, _ = dbpo.dbpo_loss(policy, head, critic, copy.deepcopy(policy), obs, z, action, logp, adv, ret, args, mu)
+        *grads[chunk_baseline], critic_grad = torch.autograd.grad(loss, [*policy.parameters(), critic[0].weight])
+        assert critic_grad.abs().sum() > 0
+    for g0, g1 in zip(grads[False], grads[True]):
+        torch.testing.assert_close(g0, g1)
+
+
 def test_gae_with_a_termination_and_a_truncation():
     # One env, 4 decisions: decision 1 terminates (no bootstrap), decision 3 is truncated (bootstraps V(final obs)).
     r = torch.tensor([[1.0], [2.0], [0.5], [1.0]])
@@ -122,10 +150,11 @@ def test_chunk_env_sums_rewards_and_stops_at_the_episode_end():
     assert reward == 2.0 and term and info["success"] and obs[:, 0].tolist() == [4, 5]  # stopped after 2 steps
 
 
-def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file):
+@pytest.mark.parametrize("baseline", [[], ["--chunk-baseline"]], ids=["value_of_s", "chunk_baseline"])
+def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, baseline):
     cmd = [sys.executable, os.path.join(ROOT, "dbpo_online.py"), "--env-id", "lift", "--dataset-path",
            robomimic_lift_file, "--pretrain-steps", "30", "--num-envs", "2", "--num-steps", "4", "--num-iterations", "2",
-           "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1"]
+           "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1", *baseline]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
