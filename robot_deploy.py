@@ -158,7 +158,7 @@ def make_backend(policy, backend, export_dir, threads=1):
     binding.bind_output("chunk", "cpu", 0, np.float32, out.shape, out.ctypes.data)
 
     def infer(obs, z):
-        binding.bind_cpu_input("obs", np.ascontiguousarray(obs)), binding.bind_cpu_input("z", np.ascontiguousarray(z))
+        binding.bind_cpu_input("obs", obs), binding.bind_cpu_input("z", z)  # (a strided array is copied)
         session.run_with_iobinding(binding)
         return out.copy()
     return infer

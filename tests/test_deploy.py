@@ -66,6 +66,12 @@ def test_backends_match_eager_with_the_same_z(ckpts, tmp_path, name, backend):
     assert chunk.shape == (1, policy.horizon - policy.n_obs_steps + 1, policy.action_dim)  # from the current step on
     assert chunk.dtype == np.float32
     assert np.abs(chunk - infer(obs, -z)).max() > 1e-3  # z is a real input, not a constant folded in
+    # Returned chunks are copies (ONNX writes into one preallocated buffer), and strided inputs read correctly.
+    strided = lambda x: np.repeat(x, 2, axis=-1)[..., ::2]  # the same values, not contiguous
+    assert not strided(obs).flags.c_contiguous
+    again = infer(strided(obs), strided(z))
+    np.testing.assert_array_equal(again, chunk)
+    assert again is not chunk and not np.shares_memory(again, chunk)
 
 
 def test_onnx_graph_is_fixed_to_batch_1(ckpts, tmp_path):
