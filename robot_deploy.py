@@ -152,7 +152,7 @@ def make_backend(policy, backend, export_dir, threads=1):
                           opset_version=17, dynamo=False)  # dynamo=True needs onnxscript
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     # I/O binding: the inputs are read in place and the output goes to a preallocated buffer (no per-call
-    # allocation; 5-15 us less per call than session.run at the median here). The copy keeps returned chunks apart.
+    # allocation; benchmarks/onnx_call_variants.py: a few us less at the median). The copy keeps returned chunks apart.
     shape = eager_chunk(policy, obs1.cpu().numpy(), z1.cpu().numpy()).shape
     binding, out = session.io_binding(), np.empty(shape, np.float32)  # C order (eager's chunk may be a strided view)
     binding.bind_output("chunk", "cpu", 0, np.float32, out.shape, out.ctypes.data)
