@@ -191,8 +191,9 @@ def ogbench_dataset_name(env_id: str) -> str:
 GENERATED_ROBOMIMIC = dict(num_demos=200, noise=0.1, hesitate=0.3)
 
 
-def generated_robomimic_path(task: str, num_demos: int, noise: float, hesitate: float) -> str:
-    return os.path.join(DATA_DIR, "robomimic", task, f"scripted_mh_{num_demos}_noise{noise:g}_hesitate{hesitate:g}.hdf5")
+def generated_robomimic_path(task: str, num_demos: int, noise: float, hesitate: float, labels: str = "executed") -> str:
+    suffix = "" if labels == "executed" else f"_{labels}"
+    return os.path.join(DATA_DIR, "robomimic", task, f"scripted_mh_{num_demos}_noise{noise:g}_hesitate{hesitate:g}{suffix}.hdf5")
 
 
 def default_dataset_path(env_id: str) -> tuple[str, bool]:

@@ -220,7 +220,7 @@ class UNet1d(nn.Module):
             x = block(x, cond)
         for block1, block2, upsample in self.up:
             x = upsample(block2(block1(torch.cat([x, skips.pop()], dim=1), cond), cond))
-        return self.final(x).transpose(1, 2)
+        return self.final(x).transpose(1, 2).contiguous()  # [N, H, Da], viewable as [B, G, H * Da]
 
 
 class DriftPolicy(nn.Module, common.ActMixin):

@@ -3,6 +3,7 @@
     python make_datasets.py robomimic --task lift                  # the default: 200 demos, noise 0.1, hesitate 0.3
     python make_datasets.py robomimic --task lift --noise 0 --hesitate 0   # clean demos (no corrections in them)
     python make_datasets.py robomimic --task square --num-demos 50 --noise 0.2 --path square_noisy.hdf5
+    python make_datasets.py robomimic --task can --labels intended   # DART: imperfect states, perfect labels
     python make_datasets.py ogbench --name cube-double-play-v0     # 70 + 7 oracle play episodes
     python make_datasets.py ogbench --name cube-double-play-v0 --full   # the official size (1000 + 100)
     python make_datasets.py download --name cube-double-play-v0    # the official OGBench files (needs internet)
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -65,14 +67,14 @@ def _robomimic_episode(job):
     """One expert episode from initial-state seed `seed`; returns its arrays and whether it succeeded."""
     from scripted_experts import make_expert
 
-    task, seed, noise, hesitate = job
+    task, seed, noise, hesitate, labels = job
     env = _worker_env
     rs_env = env.unwrapped.rs_env
     env.reset(seed=seed)
     expert = make_expert(task, np.random.default_rng(seed), noise=noise, hesitate=hesitate)
     strategy = expert.reset(rs_env)
     keys = [("object-state" if k == "object" else k) for k in common.LOW_DIM_KEYS]
-    ep = {"obs": [], "next_obs": [], "actions": [], "rewards": [], "states": []}
+    ep = {"obs": [], "next_obs": [], "actions": [], "executed_actions": [], "rewards": [], "states": []}
     done, success = False, False
     while not done:
         ep["states"].append(rs_env.sim.get_state().flatten())
@@ -80,10 +82,11 @@ def _robomimic_episode(job):
         action = expert.act(rs_env)
         _, reward, term, trunc, info = env.step(action)
         ep["next_obs"].append([env.unwrapped._obs[k] for k in keys])
-        ep["actions"].append(np.clip(action, -1.0, 1.0))
+        ep["actions"].append(np.clip(action if labels == "executed" else expert.intended, -1.0, 1.0))
+        ep["executed_actions"].append(np.clip(action, -1.0, 1.0))
         ep["rewards"].append(reward)
         done, success = term or trunc, info["success"]
-    ep = {k: (np.array(v) if k in ("actions", "rewards", "states") else
+    ep = {k: (np.array(v) if k in ("actions", "executed_actions", "rewards", "states") else
               [np.array([o[j] for o in v]) for j in range(len(keys))]) for k, v in ep.items()}
     ep.update(seed=seed, success=success, strategy=strategy, model_file=rs_env.sim.model.get_xml())
     return ep
@@ -92,22 +95,24 @@ def _robomimic_episode(job):
 def generate_robomimic(task: str, path: str | None = None, num_demos: int = common.GENERATED_ROBOMIMIC["num_demos"],
                        noise: float = common.GENERATED_ROBOMIMIC["noise"],
                        hesitate: float = common.GENERATED_ROBOMIMIC["hesitate"], seed: int = 0,
-                       num_workers: int = 2) -> dict:
+                       num_workers: int = 2, labels: Literal["executed", "intended"] = "executed") -> dict:
     """Scripted demos for `task` in Robomimic's hdf5 layout; keeps the first `num_demos` successes.
 
-    noise: std of Gaussian noise on the executed (and recorded) actions; hesitate: probability of an
-    imperfect operator (pauses, overshoots, missed grasps and retries). Initial-state seeds are
+    noise: std of Gaussian noise on the executed actions; hesitate: probability of an imperfect operator
+    (pauses, overshoots, missed grasps and retries). labels: which action each demo records as `actions`:
+    "executed" (noise and hesitation included, like human data) or "intended" (what a perfect operator would
+    have done in the same state, as in DART; the executed actions are kept in `executed_actions`). Initial-state seeds are
     seed, seed + 1, ...; evaluation uses seeds from common.EVAL_SEED_OFFSET on, so they never overlap.
     """
     common.check_env_id(task)
     assert task in common.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
-    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate)
+    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate, labels)
     episodes, next_seed = [], seed
     with _pool(_init_robomimic_worker, (task,), num_workers) as pool, \
             tqdm(total=num_demos, desc=f"{task} demos", unit="demo") as bar:
         while sum(e["success"] for e in episodes) < num_demos:
             missing = num_demos - sum(e["success"] for e in episodes)
-            jobs = [(task, s, noise, hesitate) for s in range(next_seed, next_seed + missing + 2)]
+            jobs = [(task, s, noise, hesitate, labels) for s in range(next_seed, next_seed + missing + 2)]
             next_seed += len(jobs)
             for ep in pool.imap_unordered(_robomimic_episode, jobs):
                 episodes.append(ep)
@@ -127,7 +132,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
             data = f.create_group("data")
             data.attrs["env_args"] = json.dumps(env_args)
             data.attrs["total"] = sum(len(d["actions"]) for d in demos)
-            data.attrs["generator"] = json.dumps(dict(expert="scripted_experts", noise=noise, hesitate=hesitate,
+            data.attrs["generator"] = json.dumps(dict(expert="scripted_experts", noise=noise, hesitate=hesitate, labels=labels,
                                                       expert_success_rate=expert_success, attempts=len(episodes)))
             for i, d in enumerate(demos):
                 g = data.create_group(f"demo_{i}")
@@ -137,6 +142,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
                     for key, arr in zip(common.LOW_DIM_KEYS, d[name]):
                         g.create_dataset(f"{name}/{key}", data=arr.astype(np.float64))
                 g.create_dataset("actions", data=d["actions"])
+                g.create_dataset("executed_actions", data=d["executed_actions"])
                 g.create_dataset("rewards", data=d["rewards"])
                 g.create_dataset("dones", data=(np.arange(len(d["actions"])) == len(d["actions"]) - 1).astype(np.int64))
                 g.create_dataset("states", data=d["states"])

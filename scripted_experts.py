@@ -27,8 +27,10 @@ is the probability, per phase, that the operator is imperfect in it: a pause of 
 overshoot of 2-4 cm past the phase's target (overshooting while closing misses the grasp; the expert
 sees that the object is not in the hand and starts over).
 
-Usage: `reset(rs_env)` after every `env.reset`, then `act(rs_env)` exactly once per env step; record
-what `act` returns: it is the executed action, noise included.
+Usage: `reset(rs_env)` after every `env.reset`, then `act(rs_env)` exactly once per env step. `act` returns
+the executed action, noise and hesitation included; after it, `intended` holds what a perfect operator would
+have done in the same state (no noise, pause or overshoot): the label of DART-style data (Laskey et al. 2017),
+whose states come from the imperfect operator and whose actions from the perfect one.
 
     python scripted_experts.py --task lift --episodes 100 [--noise 0.1] [--hesitate 0.3] [--blend [KEY]]
 """
@@ -157,6 +159,7 @@ class Expert:
             self.goto(self.phases[0])
         pos, rot, grip = getattr(self, self.phase)(rs_env)
         p, R = self.eef(rs_env)
+        self.intended = self.pose_action(pos, rot, grip, p, R)  # what a perfect operator would do here (DART label)
         if self.overshoot:  # aim past the target along the horizontal direction of travel, then come back
             if self.overshoot_offset is None:
                 travel = (pos - p) * [1, 1, 0]
@@ -166,16 +169,21 @@ class Expert:
             pos = pos + self.overshoot_offset
             if np.linalg.norm(pos - p) < 0.01 or self.phase_steps > 15:
                 self.overshoot = 0.0
-        action = np.zeros(7)
         if self.pause > 0:
             self.pause -= 1
+            action = np.array([0.0] * 6 + [grip])
         else:
-            limit = self.speed_limits()
-            action[:3] = np.clip(POS_GAIN * (pos - p) / POS_UNIT, -limit, limit)
-            action[3:6] = np.clip(ROT_GAIN * Rotation.from_matrix(rot @ R.T).as_rotvec() / ROT_UNIT, -1, 1)
+            action = self.pose_action(pos, rot, grip, p, R)
         action[:6] += self.noise * self.rng.standard_normal(6)
-        action[6] = grip
         return np.clip(action, -1.0, 1.0)
+
+    def pose_action(self, pos, rot, grip, p, R) -> np.ndarray:
+        """The controller: target pose (pos, rot) from the current grip-site pose (p, R), and the gripper button."""
+        action, limit = np.zeros(7), self.speed_limits()
+        action[:3] = np.clip(POS_GAIN * (pos - p) / POS_UNIT, -limit, limit)
+        action[3:6] = np.clip(ROT_GAIN * Rotation.from_matrix(rot @ R.T).as_rotvec() / ROT_UNIT, -1, 1)
+        action[6] = grip
+        return action
 
     def speed_limits(self) -> np.ndarray:
         return np.full(3, self.strategy["speed"])

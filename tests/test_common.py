@@ -80,6 +80,32 @@ def test_scripted_experts_solve_their_tasks():
         env.close()
 
 
+def test_scripted_expert_intended_action_is_the_perfect_operators():
+    """DART labels: `intended` is the action without noise, pause or overshoot; `act` returns the executed one."""
+    from scripted_experts import make_expert
+
+    env = common.make_env("lift", seed=0)
+    for noise, hesitate in ((0.0, 0.0), (0.1, 0.0), (0.0, 1.0)):
+        env.reset(seed=3)
+        expert = make_expert("lift", np.random.default_rng(3), noise=noise, hesitate=hesitate)
+        expert.reset(env.unwrapped.rs_env)
+        diffs = []
+        for _ in range(30):
+            executed = expert.act(env.unwrapped.rs_env)
+            intended = expert.intended.copy()
+            assert intended[6] == executed[6]  # the gripper button carries no noise
+            diffs.append(executed[:6] - np.clip(intended[:6], -1, 1))
+            env.step(executed)
+        diffs = np.array(diffs)
+        if noise == hesitate == 0:
+            np.testing.assert_array_equal(diffs, 0)
+        elif noise:  # only the noise separates them (up to clipping at +-1)
+            assert 0.07 < diffs.std() < 0.12 and abs(diffs.mean()) < 0.03
+        else:  # every phase hesitates: a pause (executed arm action 0) or an overshoot
+            assert np.abs(diffs).max() > 0.1
+    env.close()
+
+
 def test_robomimic_hdf5_layout_and_loader_round_trip(robomimic_lift_file):
     with h5py.File(robomimic_lift_file, "r") as f:
         env_args = json.loads(f["data"].attrs["env_args"])
@@ -92,6 +118,7 @@ def test_robomimic_hdf5_layout_and_loader_round_trip(robomimic_lift_file):
         for key, dim in (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2), ("object", 10)):
             assert g[f"obs/{key}"].shape == (n, dim) and g[f"next_obs/{key}"].shape == (n, dim)
         assert g["actions"].shape == (n, 7) and g["rewards"].shape == (n,) and g["dones"][-1] == 1
+        np.testing.assert_array_equal(g["actions"], g["executed_actions"])  # the default labels are the executed actions
         assert g["states"].shape[0] == n and "<mujoco" in g.attrs["model_file"]
         assert len(f["mask/train"]) + len(f["mask/valid"]) == 3
         np.testing.assert_array_equal(g["obs/object"][1:], g["next_obs/object"][:-1])

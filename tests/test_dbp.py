@@ -56,6 +56,15 @@ def test_sequence_indices_clamp_to_episode():
     np.testing.assert_array_equal(act_idx, [[0, 0, 1], [0, 1, 2], [1, 2, 2], [3, 3, 4], [3, 4, 4]])
 
 
+def test_unet_chunks_take_the_training_steps_grouped_view():
+    """dbp_bc.py views the B*G generated chunks as [B, G, H*Da]; the U-Net's channel transpose must not break that."""
+    B, G, H, Da = 3, 4, 8, 7
+    policy = DriftPolicy(19, Da, 2, H, 4, backbone="unet", unet_dims=(8, 16))
+    gen = policy.generate(torch.randn(B * G, 2, 19), torch.randn(B * G, H, Da)).view(B, G, H * Da)
+    drift_loss(gen, torch.randn(B, 1, H * Da))[0].mean().backward()
+    assert all(p.grad is not None for p in policy.parameters())
+
+
 def test_smoke_run_resume_and_reload(tmp_path, robomimic_lift_file):
     cmd = [sys.executable, os.path.join(ROOT, "dbp_bc.py"), "--env-id", "lift", "--dataset-path", robomimic_lift_file,
            "--total-steps", "40", "--eval-every", "20", "--eval-episodes", "2", "--final-eval-episodes", "2",
