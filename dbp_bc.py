@@ -133,19 +133,19 @@ def drift_loss(gen, pos, temperatures=(0.02, 0.05, 0.2), neg=None):
         # Self-mask: a generated sample never repels itself.
         dist_n[:, :, :G] += 100.0 * torch.eye(G, device=gen.device)
         n_neg = G + neg.shape[1]
-        field, info = torch.zeros_like(gen_n), {"scale": scale}
-        for R in temperatures:
-            logits = -dist_n / R
-            # Bidirectional normalisation: sqrt(softmax over targets x softmax over generated samples).
-            affinity = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
-            a_neg, a_pos = affinity[:, :, :n_neg], affinity[:, :, n_neg:]
-            # Cross-weighting: attraction scaled by total repulsion and vice versa, so each row sums to 0
-            # and the field vanishes in expectation when generated and data distributions match.
-            coef = torch.cat([-a_neg * a_pos.sum(-1, keepdim=True), a_pos * a_neg.sum(-1, keepdim=True)], dim=-1)
-            field_R = coef @ targets_n - coef.sum(-1, keepdim=True) * gen_n  # [B, G, S]
-            force = field_R.pow(2).mean()  # global mean-square field before normalisation
-            info[f"force_mag_R{R}"] = force
-            field += field_R / force.clamp_min(1e-8).sqrt()  # each temperature at unit RMS, summed
+        # All temperatures at once (a leading axis of size n_R: one set of kernels, which matters on a GPU).
+        R = torch.tensor(temperatures, device=gen.device).view(-1, 1, 1, 1)
+        logits = -dist_n / R  # [n_R, B, G, M]
+        # Bidirectional normalisation: sqrt(softmax over targets x softmax over generated samples).
+        affinity = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
+        a_neg, a_pos = affinity[..., :n_neg], affinity[..., n_neg:]
+        # Cross-weighting: attraction scaled by total repulsion and vice versa, so each row sums to 0
+        # and the field vanishes in expectation when generated and data distributions match.
+        coef = torch.cat([-a_neg * a_pos.sum(-1, keepdim=True), a_pos * a_neg.sum(-1, keepdim=True)], dim=-1)
+        field_R = coef @ targets_n - coef.sum(-1, keepdim=True) * gen_n  # [n_R, B, G, S]
+        force = field_R.pow(2).mean(dim=(1, 2, 3))  # per temperature: global mean-square field [n_R]
+        field = (field_R / force.clamp_min(1e-8).sqrt().view(-1, 1, 1, 1)).sum(0)  # each at unit RMS, summed
+        info = {"scale": scale, **{f"force_mag_R{r}": f for r, f in zip(temperatures, force)}}
         target = gen_n + field  # stop-gradient target
     loss = ((gen.float() / coord_scale - target) ** 2).mean(dim=(1, 2))
     return loss, info
