@@ -140,9 +140,9 @@ def drift_loss(gen, pos, temperatures=(0.02, 0.05, 0.2), neg=None):
         # Self-mask: a generated sample never repels itself.
         dist_n[:, :, :G] += 100.0 * torch.eye(G, device=gen.device)
         n_neg = G + neg.shape[1]
-        # All temperatures at once (a leading axis of size n_R: one set of kernels, which matters on a GPU).
-        R = torch.tensor(temperatures, device=gen.device).view(-1, 1, 1, 1)
-        logits = -dist_n / R  # [n_R, B, G, M]
+        # All temperatures at once (a leading axis of size n_R: one set of kernels, which matters on a GPU;
+        # stacked from Python floats, so no host-to-device copy and no synchronisation in the training step).
+        logits = -torch.stack([dist_n / R for R in temperatures])  # [n_R, B, G, M]
         # Bidirectional normalisation: sqrt(softmax over targets x softmax over generated samples).
         affinity = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(1e-6).sqrt()
         a_neg, a_pos = affinity[..., :n_neg], affinity[..., n_neg:]
