@@ -150,8 +150,9 @@ class _Float32Obs(gym.ObservationWrapper):
         return obs.astype(np.float32)
 
 
-def make_env(env_id: str, seed: int = 0, **kwargs) -> gym.Env:
-    """Build one environment. Every env reports info["success"] and has a time limit.
+def make_env(env_id: str, seed: int = 0, max_episode_steps: int | None = None, **kwargs) -> gym.Env:
+    """Build one environment. Every env reports info["success"] and has a time limit: max_episode_steps, or
+    by default QC / DFP's (lift 300, can 300, square 400; OGBench's registered limits).
 
     Robomimic kwargs: terminate_on_success=True, render_mode=None.
     OGBench kwargs go to the env, e.g. success_timing="post" to match ogbench 1.1.2 (QC / DFP);
@@ -160,10 +161,12 @@ def make_env(env_id: str, seed: int = 0, **kwargs) -> gym.Env:
     check_env_id(env_id)
     if env_id in ROBOMIMIC_TASKS:
         env = RobomimicEnv(env_id, seed=seed, **kwargs)
-        env = gym.wrappers.TimeLimit(env, max_episode_steps=ROBOMIMIC_TASKS[env_id][1])
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps or ROBOMIMIC_TASKS[env_id][1])
     else:
         import ogbench
 
+        if max_episode_steps:
+            kwargs["max_episode_steps"] = max_episode_steps  # passed on to gymnasium.make
         env = _Float32Obs(ogbench.make_env_and_datasets(env_id, env_only=True, **kwargs))
     env.action_space.seed(seed)
     env.reset(seed=seed)

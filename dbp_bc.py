@@ -102,6 +102,8 @@ class Args:
     """episodes for the final evaluation of the final and the best checkpoint (on unseen seeds)"""
     num_eval_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
+    max_episode_steps: Optional[int] = None
+    """evaluation time limit (none: QC / DFP's 300 / 300 / 400 on lift / can / square; DBP's paper uses 400)"""
     resume: Optional[str] = None
     """path of a dbp.pt checkpoint to continue training from (its run directory and args are reused)"""
 
@@ -381,7 +383,7 @@ if __name__ == "__main__":
         if step % args.eval_every == 0 or step == args.total_steps:
             sps = (step - start_step) / (time.time() - start_time)
             result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
-                                     num_envs=args.num_eval_envs)
+                                     num_envs=args.num_eval_envs, max_episode_steps=args.max_episode_steps)
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, step)
             print(f"step {step}: success {result['success_rate']:.2f} over {result['episodes']} episodes, SPS {sps:.0f}")
@@ -396,7 +398,8 @@ if __name__ == "__main__":
     for tag in ("final", "best") if args.save_model else ("final",):
         eval_policy = ema_policy if tag == "final" else common.load_policy(os.path.join(run_dir, "dbp_best.pt"), device)
         result = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
-                                 args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs)
+                                 args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
+                                 max_episode_steps=args.max_episode_steps)
         writer.add_scalar(f"eval/{tag}_success_rate", result["success_rate"], args.total_steps)
         print(f"{tag} checkpoint: success {result['success_rate']:.3f} over {result['episodes']} episodes")
     if args.capture_video:

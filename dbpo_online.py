@@ -126,6 +126,9 @@ class Args:
     """episodes per evaluation (also before the first update)"""
     num_eval_envs: int = 2
     """parallel evaluation envs"""
+    max_episode_steps: Optional[int] = None
+    """time limit of the training and evaluation episodes (none: QC / DFP's 300 / 300 / 400 on lift / can /
+    square; DBPO's Robomimic online config uses 400)"""
     resume: Optional[str] = None
     """path of a dbpo.pt checkpoint to continue from"""
 
@@ -245,7 +248,8 @@ def pretrain_dbp(args):
                     "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
                     "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
                     "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda",
-                    *(["--dataset-path", args.dataset_path] if args.dataset_path else [])], check=True)
+                    *(["--dataset-path", args.dataset_path] if args.dataset_path else []),
+                    *(["--max-episode-steps", str(args.max_episode_steps)] if args.max_episode_steps else [])], check=True)
     path = max(glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt"), key=os.path.getmtime)
     return os.path.abspath(path)
 
@@ -300,7 +304,8 @@ if __name__ == "__main__":
                                       "env_id": args.env_id, "pretrained": args.checkpoint})
 
     def evaluate(iteration):  # deterministic: a = f(z, s) with a fresh z and sigma off, one call
-        result = common.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs)
+        result = common.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs,
+                                 max_episode_steps=args.max_episode_steps)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, iteration)
         print(f"iteration {iteration}: deterministic success {result['success_rate']:.2f} over {result['episodes']} episodes")
@@ -309,7 +314,8 @@ if __name__ == "__main__":
     if start_iter == 0:
         evaluate(0)
     envs = gym.vector.AsyncVectorEnv(
-        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i), To, Ta) for i in range(args.num_envs)],
+        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i, args.max_episode_steps), To, Ta)
+         for i in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     N, T = args.num_envs, args.num_steps
     obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)

@@ -147,7 +147,7 @@ def test_smoke_run_and_reload(tmp_path, robomimic_lift_file):
     script = os.path.join(ROOT, "baselines", "diffusion_bc.py")
     cmd = [sys.executable, script, "--env-id", "lift", "--dataset-path", robomimic_lift_file, "--total-steps", "30",
            "--eval-every", "30", "--eval-episodes", "2", "--final-eval-episodes", "2", "--batch-size", "16",
-           "--hidden-dims", "32", "32", "--sampler", "ddpm", "--inference-steps", "10"]
+           "--hidden-dims", "32", "32", "--sampler", "ddpm", "--inference-steps", "10", "--max-episode-steps", "60"]
     out = run(cmd, cwd=tmp_path)
     assert "final checkpoint: success" in out and "best checkpoint: success" in out, out
     run_dir, = glob.glob(str(tmp_path / "runs" / "lift__diffusion_bc__1__*"))

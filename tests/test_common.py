@@ -52,6 +52,21 @@ def test_ogbench_env_reports_success_and_terminates():
     assert info["success"] and terminated and reward == 0.0
 
 
+@pytest.mark.parametrize("env_id, default", [("can", 300), ("cube-double-play-singletask-task1-v0", 500)])
+def test_time_limit_default_and_override(env_id, default):
+    """QC / DFP's limits by default; max_episode_steps (DBP's 400-step Robomimic protocol) replaces them."""
+    for limit, expected in ((None, default), (7, 7)):
+        env = common.make_env(env_id, seed=0, max_episode_steps=limit)
+        env.reset(seed=0)
+        truncated, steps = False, 0
+        while not truncated and steps < expected:
+            _, _, terminated, truncated, _ = env.step(np.zeros(env.action_space.shape, np.float32))
+            steps += 1
+            assert not terminated
+        assert truncated and steps == expected
+        env.close()
+
+
 def test_envs_run_inside_async_vector_env():
     envs = common.make_vec_env("lift", num_envs=2, seed=0)
     obs, _ = envs.reset(seed=[0, 1])

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import common
 from dbp_bc import DriftPolicy, drift_loss, sequence_indices
@@ -68,9 +69,11 @@ def test_unet_chunks_take_the_training_steps_grouped_view():
 def test_smoke_run_resume_and_reload(tmp_path, robomimic_lift_file):
     cmd = [sys.executable, os.path.join(ROOT, "dbp_bc.py"), "--env-id", "lift", "--dataset-path", robomimic_lift_file,
            "--total-steps", "40", "--eval-every", "20", "--eval-episodes", "2", "--final-eval-episodes", "2",
-           "--batch-size", "16", "--hidden-dims", "32", "32"]
+           "--batch-size", "16", "--hidden-dims", "32", "32", "--max-episode-steps", "60"]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600)
     run_dir, = glob.glob(str(tmp_path / "runs" / "lift__dbp_bc__1__*"))
+    events = EventAccumulator(run_dir).Reload()  # the untrained policy's episodes run to the 60-step limit
+    assert [e.value for e in events.Scalars("eval/length")] == [60.0, 60.0]
     policy = common.load_policy(os.path.join(run_dir, "dbp.pt"))
     obs, z = np.random.rand(3, 19).astype(np.float32), np.random.randn(3, 4, 7).astype(np.float32)
     a1, a2 = policy.act(obs, z), common.load_policy(os.path.join(run_dir, "dbp.pt")).act(obs, z)

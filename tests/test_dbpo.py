@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import common
 import dbpo_online as dbpo
@@ -154,9 +155,13 @@ def test_chunk_env_sums_rewards_and_stops_at_the_episode_end():
 def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, baseline):
     cmd = [sys.executable, os.path.join(ROOT, "dbpo_online.py"), "--env-id", "lift", "--dataset-path",
            robomimic_lift_file, "--pretrain-steps", "30", "--num-envs", "2", "--num-steps", "4", "--num-iterations", "2",
-           "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1", *baseline]
+           "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1", "--max-episode-steps", "60",
+           *baseline]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
+    for run in ("dbpo_pretrain", "dbpo_online"):  # the time limit reaches the pretraining and both evaluations
+        events, = glob.glob(str(tmp_path / "runs" / f"lift__{run}__1__*"))
+        assert {e.value for e in EventAccumulator(events).Reload().Scalars("eval/length")} == {60.0}
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
     obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
     z = np.random.randn(2, 4, 7).astype(np.float32)
