@@ -395,11 +395,11 @@ def evaluate(act_fn, env_id: str, num_episodes: int, n_obs_steps: int, n_action_
 
 
 def record_video(act_fn, env_id: str, path: str, n_obs_steps: int, n_action_steps: int,
-                 num_episodes: int = 2, seed: int = EVAL_SEED_OFFSET) -> None:
+                 num_episodes: int = 2, seed: int = EVAL_SEED_OFFSET, max_episode_steps: int | None = None) -> None:
     """Render a few evaluation episodes to an mp4 (MUJOCO_GL=egl; about 10 frames/s on a CPU)."""
     import imageio
 
-    env = make_env(env_id, seed, render_mode="rgb_array")
+    env = make_env(env_id, seed, max_episode_steps, render_mode="rgb_array")
     frames = []
     for ep in range(num_episodes):
         obs, _ = env.reset(seed=seed + ep)

@@ -402,5 +402,6 @@ if __name__ == "__main__":
 
     envs.close()
     if args.capture_video:
-        common.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta)
+        common.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta,
+                            max_episode_steps=args.max_episode_steps)
     writer.close()

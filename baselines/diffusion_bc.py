@@ -424,5 +424,5 @@ if __name__ == "__main__":
         print(f"{tag} checkpoint: success {result['success_rate']:.3f} over {result['episodes']} episodes")
     if args.capture_video:
         common.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
-                            args.n_obs_steps, args.n_action_steps)
+                            args.n_obs_steps, args.n_action_steps, max_episode_steps=args.max_episode_steps)
     writer.close()
