@@ -96,17 +96,21 @@ class RobomimicEnv(gym.Env):
 
     obs = concat(robot0_eef_pos, robot0_eef_quat, robot0_gripper_qpos, object)   (19 / 23 / 23 dims)
     reward = 1.0 on success else 0.0 (sparse); terminated on success (as QC / DFP); info["success"].
+    report_potential=True adds info["potential"]: robosuite's dense staged reward of the state (reaching,
+    grasping, ...; below 1, the success reward), for potential-based shaping (dbpo_online.py --reward-shaping).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
-    def __init__(self, task: str, seed: int = 0, terminate_on_success: bool = True, render_mode=None):
+    def __init__(self, task: str, seed: int = 0, terminate_on_success: bool = True, render_mode=None,
+                 report_potential: bool = False):
         robosuite = import_robosuite()
         kwargs = robomimic_env_kwargs(task)
         kwargs.pop("robosuite_version")
         if render_mode == "rgb_array":
             kwargs.update(has_offscreen_renderer=True, camera_names="agentview", camera_heights=256, camera_widths=256)
         self.task, self.render_mode, self.terminate_on_success = task, render_mode, terminate_on_success
+        self.report_potential = report_potential
         self.rs_env = robosuite.make(seed=seed, **kwargs)  # the raw robosuite env (privileged state for experts)
         obs_dim = ROBOMIMIC_TASKS[task][2]
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
@@ -122,14 +126,22 @@ class RobomimicEnv(gym.Env):
         if seed is not None:  # robosuite's placement samplers hold a reference to env.rng: reseed it in place
             self.rs_env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self._obs = self.rs_env.reset()
-        return self.flatten_obs(self._obs), {"success": False}
+        return self.flatten_obs(self._obs), self._info(False)
+
+    def _info(self, success: bool) -> dict:
+        if not self.report_potential:
+            return {"success": success}
+        self.rs_env.reward_shaping = True  # robosuite's dense reward of the current state (the action is unused)
+        potential = 0.0 if success else float(self.rs_env.reward())
+        self.rs_env.reward_shaping = False
+        return {"success": success, "potential": potential}
 
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         self._obs, reward, _, _ = self.rs_env.step(action)
         success = bool(self.rs_env._check_success())
         terminated = success and self.terminate_on_success
-        return self.flatten_obs(self._obs), float(reward), terminated, False, {"success": success}
+        return self.flatten_obs(self._obs), float(reward), terminated, False, self._info(success)
 
     def render(self):
         return self.rs_env.sim.render(width=256, height=256, camera_name="agentview")[::-1]
@@ -154,7 +166,7 @@ def make_env(env_id: str, seed: int = 0, max_episode_steps: int | None = None, *
     """Build one environment. Every env reports info["success"] and has a time limit: max_episode_steps, or
     by default QC / DFP's (lift 300, can 300, square 400; OGBench's registered limits).
 
-    Robomimic kwargs: terminate_on_success=True, render_mode=None.
+    Robomimic kwargs: terminate_on_success=True, render_mode=None, report_potential=False.
     OGBench kwargs go to the env, e.g. success_timing="post" to match ogbench 1.1.2 (QC / DFP);
     ogbench >= 1.2 defaults to "pre" (success judged before the action, as the dataset labels).
     """

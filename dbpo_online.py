@@ -126,6 +126,10 @@ class Args:
     """episodes per evaluation (also before the first update)"""
     num_eval_envs: int = 2
     """parallel evaluation envs"""
+    reward_shaping: bool = False
+    """add potential-based shaping to the sparse training reward (not in the paper; Robomimic tasks only):
+    gamma * Phi(s') - Phi(s) per decision, Phi = robosuite's dense staged reward (reaching, grasping, ...).
+    It leaves the optimal policy unchanged and gives credit before the first success (see ChunkEnv)"""
     max_episode_steps: Optional[int] = None
     """time limit of the training and evaluation episodes (none: QC / DFP's 300 / 300 / 400 on lift / can /
     square; DBPO's Robomimic online config uses 400)"""
@@ -135,11 +139,15 @@ class Args:
 
 class ChunkEnv(gym.Wrapper):
     """One decision = one chunk: executes Ta actions (stopping at an episode end), sums their rewards,
-    and observes the last To observations. Runs inside each subprocess of the vector env."""
+    and observes the last To observations. Runs inside each subprocess of the vector env.
 
-    def __init__(self, env, n_obs_steps, n_action_steps):
+    shaping_gamma: if set, adds potential-based shaping gamma * Phi(s') - Phi(s) per decision (Ng et al. 1999),
+    Phi = info["potential"] and Phi = 0 after a termination. Over an episode the terms telescope to -Phi(s_0)
+    plus a bootstrapped tail, so the optimal policy is unchanged; only the credit arrives earlier."""
+
+    def __init__(self, env, n_obs_steps, n_action_steps, shaping_gamma=None):
         super().__init__(env)
-        self.To, self.Ta = n_obs_steps, n_action_steps
+        self.To, self.Ta, self.shaping_gamma = n_obs_steps, n_action_steps, shaping_gamma
         box = env.observation_space
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.To, *box.shape), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.Ta, *env.action_space.shape), np.float32)
@@ -147,6 +155,7 @@ class ChunkEnv(gym.Wrapper):
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self.history = deque([obs] * self.To, maxlen=self.To)
+        self.potential = info.get("potential", 0.0)
         return np.stack(self.history), info
 
     def step(self, chunk):
@@ -157,6 +166,10 @@ class ChunkEnv(gym.Wrapper):
             total += reward
             if terminated or truncated:
                 break
+        if self.shaping_gamma is not None:
+            potential = 0.0 if terminated else info["potential"]
+            total += self.shaping_gamma * potential - self.potential
+            self.potential = potential
         return np.stack(self.history), total, terminated, truncated, info
 
 
@@ -262,6 +275,8 @@ if __name__ == "__main__":
         args = Args(**{**ckpt["args"], "resume": args.resume})
         print(f"resuming {ckpt['run_name']} from iteration {ckpt['iteration']}")
     common.check_env_id(args.env_id)
+    if args.reward_shaping and args.env_id not in common.ROBOMIMIC_TASKS:
+        raise common.UserError("--reward-shaping needs a Robomimic task (lift, can, square): it uses robosuite's dense reward")
     args.checkpoint = args.checkpoint or pretrain_dbp(args)
     run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
 
@@ -313,9 +328,10 @@ if __name__ == "__main__":
 
     if start_iter == 0:
         evaluate(0)
+    shaping_kw = dict(report_potential=True) if args.reward_shaping else {}
     envs = gym.vector.AsyncVectorEnv(
-        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i, args.max_episode_steps), To, Ta)
-         for i in range(args.num_envs)],
+        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i, args.max_episode_steps, **shaping_kw), To, Ta,
+                              args.gamma if args.reward_shaping else None) for i in range(args.num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     N, T = args.num_envs, args.num_steps
     obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)

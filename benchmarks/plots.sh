@@ -37,3 +37,10 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_chunkbase)" "$(las
   --labels "V(s, f(z, s)) baseline (--chunk-baseline), 40 iterations" "V(s) baseline, same settings, stopped near iteration 35" \
   --xlabel iteration --title "lift: DBPO, 16 envs x 64 decisions, critic warm-up 10 iterations" \
   --out benchmarks/results/dbpo_lift_chunk_baseline.png
+python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_chunkbase_shaped)" \
+  --labels "chunk baseline + potential-based reward shaping, 40 iterations" \
+  --xlabel iteration --title "lift: DBPO with potential-based shaping, 16 envs x 64 decisions" \
+  --out benchmarks/results/dbpo_lift_shaped.png
+python benchmarks/plot_runs.py --runs "$(last can__dbp_can500_dart)" "$(last can__dbp_can500_dart_mse)" \
+  --labels "DBP" "MSE regression" --title "can, 500 DART-labelled demos, lr 1e-3, 400-step limit (50-episode evaluations)" \
+  --out benchmarks/results/dbp_vs_mse_can500.png

@@ -151,12 +151,47 @@ def test_chunk_env_sums_rewards_and_stops_at_the_episode_end():
     assert reward == 2.0 and term and info["success"] and obs[:, 0].tolist() == [4, 5]  # stopped after 2 steps
 
 
-@pytest.mark.parametrize("baseline", [[], ["--chunk-baseline"]], ids=["value_of_s", "chunk_baseline"])
-def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, baseline):
+class PotentialEnv(CountingEnv):
+    """CountingEnv whose info also carries a potential: 0.05 at reset, then t / 10 (as RobomimicEnv(report_potential=True))."""
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        return obs, {**info, "potential": 0.05}
+
+    def step(self, action):
+        obs, reward, term, trunc, info = super().step(action)
+        return obs, reward, term, trunc, {**info, "potential": self.t / 10}
+
+
+def test_potential_shaping_adds_gamma_phi_next_minus_phi_and_telescopes():
+    gamma = 0.9
+    env = dbpo.ChunkEnv(PotentialEnv(), n_obs_steps=1, n_action_steps=3, shaping_gamma=gamma)
+    env.reset()
+    _, r1, _, _, _ = env.step(np.zeros((3, 2)))
+    assert r1 == pytest.approx(3.0 + gamma * 0.3 - 0.05)
+    _, r2, term, _, _ = env.step(np.zeros((3, 2)))
+    assert term and r2 == pytest.approx(2.0 + gamma * 0.0 - 0.3)  # Phi = 0 after a termination
+    assert (r1 - 3.0) + gamma * (r2 - 2.0) == pytest.approx(-0.05)  # the discounted shaping telescopes to -Phi(s_0)
+    env_unshaped = dbpo.ChunkEnv(PotentialEnv(), n_obs_steps=1, n_action_steps=3)
+    env_unshaped.reset()
+    assert env_unshaped.step(np.zeros((3, 2)))[1] == 3.0
+
+
+def test_robomimic_potential_is_robosuites_dense_reward_and_the_reward_stays_sparse():
+    env = common.make_env("lift", seed=0, report_potential=True)
+    _, info = env.reset(seed=0)
+    assert 0.0 < info["potential"] < 1.0
+    _, reward, _, _, info = env.step(np.zeros(7))
+    assert reward == 0.0 and 0.0 < info["potential"] < 1.0 and not info["success"]
+    assert "potential" not in common.make_env("lift", seed=0).step(np.zeros(7))[-1]
+
+
+@pytest.mark.parametrize("flags", [[], ["--chunk-baseline", "--reward-shaping"]], ids=["value_of_s", "chunk_baseline_shaped"])
+def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, flags):
     cmd = [sys.executable, os.path.join(ROOT, "dbpo_online.py"), "--env-id", "lift", "--dataset-path",
            robomimic_lift_file, "--pretrain-steps", "30", "--num-envs", "2", "--num-steps", "4", "--num-iterations", "2",
            "--eval-every", "2", "--eval-episodes", "2", "--critic-warmup-iters", "1", "--max-episode-steps", "60",
-           *baseline]
+           *flags]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
     for run in ("dbpo_pretrain", "dbpo_online"):  # the time limit reaches the pretraining and both evaluations
