@@ -206,8 +206,10 @@ def ogbench_dataset_name(env_id: str) -> str:
 GENERATED_ROBOMIMIC = dict(num_demos=200, noise=0.1, hesitate=0.3)
 
 
-def generated_robomimic_path(task: str, num_demos: int, noise: float, hesitate: float, labels: str = "executed") -> str:
-    suffix = "" if labels == "executed" else f"_{labels}"
+def generated_robomimic_path(task: str, num_demos: int, noise: float, hesitate: float, labels: str = "executed",
+                             clearance: tuple[float, float] | None = None) -> str:
+    """clearance: the expert's (hover, aside_descent) where they differ from its defaults."""
+    suffix = ("" if labels == "executed" else f"_{labels}") + (f"_hover{clearance[0]:g}_aside{clearance[1]:g}" if clearance else "")
     return os.path.join(DATA_DIR, "robomimic", task, f"scripted_mh_{num_demos}_noise{noise:g}_hesitate{hesitate:g}{suffix}.hdf5")
 
 

@@ -4,6 +4,7 @@
     python make_datasets.py robomimic --task lift --noise 0 --hesitate 0   # clean demos (no corrections in them)
     python make_datasets.py robomimic --task square --num-demos 50 --noise 0.2 --path square_noisy.hdf5
     python make_datasets.py robomimic --task can --labels intended   # DART: imperfect states, perfect labels
+    python make_datasets.py robomimic --task can --labels intended --hover 0.07 --aside-descent 0.4   # more room above the can
     python make_datasets.py ogbench --name cube-double-play-v0     # 70 + 7 oracle play episodes
     python make_datasets.py ogbench --name cube-double-play-v0 --full   # the official size (1000 + 100)
     python make_datasets.py download --name cube-double-play-v0    # the official OGBench files (needs internet)
@@ -67,11 +68,11 @@ def _robomimic_episode(job):
     """One expert episode from initial-state seed `seed`; returns its arrays and whether it succeeded."""
     from scripted_experts import make_expert
 
-    task, seed, noise, hesitate, labels = job
+    task, seed, noise, hesitate, labels, clearance = job
     env = _worker_env
     rs_env = env.unwrapped.rs_env
     env.reset(seed=seed)
-    expert = make_expert(task, np.random.default_rng(seed), noise=noise, hesitate=hesitate)
+    expert = make_expert(task, np.random.default_rng(seed), noise=noise, hesitate=hesitate, **clearance)
     strategy = expert.reset(rs_env)
     keys = [("object-state" if k == "object" else k) for k in common.LOW_DIM_KEYS]
     ep = {"obs": [], "next_obs": [], "actions": [], "executed_actions": [], "rewards": [], "states": []}
@@ -95,24 +96,31 @@ def _robomimic_episode(job):
 def generate_robomimic(task: str, path: str | None = None, num_demos: int = common.GENERATED_ROBOMIMIC["num_demos"],
                        noise: float = common.GENERATED_ROBOMIMIC["noise"],
                        hesitate: float = common.GENERATED_ROBOMIMIC["hesitate"], seed: int = 0,
-                       num_workers: int = 2, labels: Literal["executed", "intended"] = "executed") -> dict:
+                       num_workers: int = 2, labels: Literal["executed", "intended"] = "executed",
+                       hover: float | None = None, aside_descent: float | None = None) -> dict:
     """Scripted demos for `task` in Robomimic's hdf5 layout; keeps the first `num_demos` successes.
 
     noise: std of Gaussian noise on the executed actions; hesitate: probability of an imperfect operator
     (pauses, overshoots, missed grasps and retries). labels: which action each demo records as `actions`:
     "executed" (noise and hesitation included, like human data) or "intended" (what a perfect operator would
-    have done in the same state, as in DART; the executed actions are kept in `executed_actions`). Initial-state seeds are
+    have done in the same state, as in DART; the executed actions are kept in `executed_actions`). hover,
+    aside_descent: the side grasp's clearance (see scripted_experts.make_expert; None: its default); a
+    non-default value goes into the file name. Initial-state seeds are
     seed, seed + 1, ...; evaluation uses seeds from common.EVAL_SEED_OFFSET on, so they never overlap.
     """
     common.check_env_id(task)
     assert task in common.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
-    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate, labels)
+    from scripted_experts import ASIDE_DESCENT, HOVER
+
+    clearance = dict(hover=HOVER if hover is None else hover, aside_descent=ASIDE_DESCENT if aside_descent is None else aside_descent)
+    custom = tuple(clearance.values()) if tuple(clearance.values()) != (HOVER, ASIDE_DESCENT) else None
+    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate, labels, custom)
     episodes, next_seed = [], seed
     with _pool(_init_robomimic_worker, (task,), num_workers) as pool, \
             tqdm(total=num_demos, desc=f"{task} demos", unit="demo") as bar:
         while sum(e["success"] for e in episodes) < num_demos:
             missing = num_demos - sum(e["success"] for e in episodes)
-            jobs = [(task, s, noise, hesitate, labels) for s in range(next_seed, next_seed + missing + 2)]
+            jobs = [(task, s, noise, hesitate, labels, clearance) for s in range(next_seed, next_seed + missing + 2)]
             next_seed += len(jobs)
             for ep in pool.imap_unordered(_robomimic_episode, jobs):
                 episodes.append(ep)
@@ -132,7 +140,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
             data = f.create_group("data")
             data.attrs["env_args"] = json.dumps(env_args)
             data.attrs["total"] = sum(len(d["actions"]) for d in demos)
-            data.attrs["generator"] = json.dumps(dict(expert="scripted_experts", noise=noise, hesitate=hesitate, labels=labels,
+            data.attrs["generator"] = json.dumps(dict(expert="scripted_experts", noise=noise, hesitate=hesitate, labels=labels, **clearance,
                                                       expert_success_rate=expert_success, attempts=len(episodes)))
             for i, d in enumerate(demos):
                 g = data.create_group(f"demo_{i}")

@@ -259,19 +259,20 @@ class SideGraspExpert(Expert):
 
     GRASP_PHASES = ("approach", "step_aside", "open", "slide_in", "close")
     side_gap = CUBE_SIDE_GAP
+    hover_height, aside_descent = HOVER, ASIDE_DESCENT  # make_expert(..., hover=, aside_descent=) sets them
 
     def grasp_yaw(self, rs, u: np.ndarray) -> float:
         yaw, now = np.arctan2(u[1], u[0]), self.gripper_yaw(rs)  # fingers close across u
         return now + wrap(yaw - now, np.pi)  # the fingers are symmetric: turn at most 90 degrees
 
     def speed_limits(self) -> np.ndarray:
-        return super().speed_limits() * ([1, 1, ASIDE_DESCENT] if self.phase == "step_aside" else 1)
+        return super().speed_limits() * ([1, 1, self.aside_descent] if self.phase == "step_aside" else 1)
 
     def targets(self, rs):
         centre, top, grip_z, half, u = self.grasp_geometry(rs)
         grasp = np.array([centre[0], centre[1], grip_z])
         side = grasp + (half + FINGER_HALF_WIDTH + self.side_gap) * u
-        hover = np.array([centre[0], centre[1], top + TIP_BELOW_SITE + HOVER])
+        hover = np.array([centre[0], centre[1], top + TIP_BELOW_SITE + self.hover_height])
         return grasp, side, hover, self.toward(rs, self.grasp_yaw(rs, u)), half
 
     def grasp_pose(self, rs):
@@ -449,10 +450,18 @@ class SquareExpert(Expert):
 EXPERTS = {"lift": LiftExpert, "can": CanExpert, "square": SquareExpert}
 
 
-def make_expert(task: str, rng: np.random.Generator, noise: float = 0.0, hesitate: float = 0.0) -> Expert:
+def make_expert(task: str, rng: np.random.Generator, noise: float = 0.0, hesitate: float = 0.0,
+                hover: float = HOVER, aside_descent: float = ASIDE_DESCENT) -> Expert:
+    """hover, aside_descent: the side grasp's clearance (lift, can): fingertips this far above the object's
+    top before stepping aside, and the descent speed while stepping aside relative to the lateral one."""
     if task not in EXPERTS:
         raise ValueError(f"no scripted expert for task {task!r}; choose from {sorted(EXPERTS)}")
-    return EXPERTS[task](rng, noise=noise, hesitate=hesitate)
+    expert = EXPERTS[task](rng, noise=noise, hesitate=hesitate)
+    if (hover, aside_descent) != (HOVER, ASIDE_DESCENT):
+        if not isinstance(expert, SideGraspExpert):
+            raise ValueError(f"hover and aside_descent apply to the side grasp of lift and can, not to {task}")
+        expert.hover_height, expert.aside_descent = hover, aside_descent
+    return expert
 
 
 def run_episode(env, experts: list[Expert], seed: int, blend_key: str | None = None) -> tuple[bool, int]:

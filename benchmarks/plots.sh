@@ -44,3 +44,6 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_chunkbase_shaped)"
 python benchmarks/plot_runs.py --runs "$(last can__dbp_can500_dart)" "$(last can__dbp_can500_dart_mse)" \
   --labels "DBP" "MSE regression" --title "can, 500 DART-labelled demos, lr 1e-3, 400-step limit (50-episode evaluations)" \
   --out benchmarks/results/dbp_vs_mse_can500.png
+python benchmarks/plot_runs.py --runs "$(last can__dbp_bc_can500_clear_drift)" "$(last can__dbp_bc_can500_clear_mse)" \
+  --labels "DBP" "MSE regression" --title "can, 500 DART demos, hover 0.07, aside 0.4 (50-ep. evaluations)" \
+  --out benchmarks/results/dbp_vs_mse_can500_clear.png

@@ -121,6 +121,28 @@ def test_scripted_expert_intended_action_is_the_perfect_operators():
     env.close()
 
 
+def test_side_grasp_clearance_option_moves_the_hover_point_and_names_the_cache():
+    from scripted_experts import ASIDE_DESCENT, HOVER, make_expert
+
+    env = common.make_env("can", seed=0)
+    env.reset(seed=0)
+    rs = env.unwrapped.rs_env
+    hovers = []
+    for kwargs in ({}, dict(hover=HOVER + 0.025, aside_descent=0.4)):
+        expert = make_expert("can", np.random.default_rng(0), **kwargs)
+        expert.reset(rs)
+        hovers.append(expert.targets(rs)[2])
+        expert.phase = "step_aside"
+        assert expert.speed_limits()[2] == pytest.approx(expert.speed_limits()[0] * kwargs.get("aside_descent", ASIDE_DESCENT))
+    np.testing.assert_allclose(hovers[1] - hovers[0], [0, 0, 0.025], atol=1e-12)
+    env.close()
+    with pytest.raises(ValueError, match="side grasp"):
+        make_expert("square", np.random.default_rng(0), hover=0.07)
+    default = common.generated_robomimic_path("can", 500, 0.1, 0.3, "intended")
+    assert common.generated_robomimic_path("can", 500, 0.1, 0.3, "intended", (0.07, 0.4)) == \
+        default.replace(".hdf5", "_hover0.07_aside0.4.hdf5")
+
+
 def test_robomimic_hdf5_layout_and_loader_round_trip(robomimic_lift_file):
     with h5py.File(robomimic_lift_file, "r") as f:
         env_args = json.loads(f["data"].attrs["env_args"])
