@@ -110,9 +110,10 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
     """
     common.check_env_id(task)
     assert task in common.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
-    from scripted_experts import ASIDE_DESCENT, HOVER
+    from scripted_experts import ASIDE_DESCENT, HOVER, make_expert
 
     clearance = dict(hover=HOVER if hover is None else hover, aside_descent=ASIDE_DESCENT if aside_descent is None else aside_descent)
+    make_expert(task, np.random.default_rng(seed), **clearance)  # a bad option fails here, not in a worker
     custom = tuple(clearance.values()) if tuple(clearance.values()) != (HOVER, ASIDE_DESCENT) else None
     path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate, labels, custom)
     episodes, next_seed = [], seed
