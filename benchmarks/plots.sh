@@ -47,3 +47,7 @@ python benchmarks/plot_runs.py --runs "$(last can__dbp_can500_dart)" "$(last can
 python benchmarks/plot_runs.py --runs "$(last can__dbp_bc_can500_clear_drift)" "$(last can__dbp_bc_can500_clear_mse)" \
   --labels "DBP" "MSE regression" --title "can, 500 DART demos, hover 0.07, aside 0.4 (50-ep. evaluations)" \
   --out benchmarks/results/dbp_vs_mse_can500_clear.png
+python benchmarks/plot_runs.py --runs "$(last can__dbpo_can_chunkbase)" \
+  --labels "DBPO, chunk baseline, 400-step limit, stopped at iteration 36" \
+  --xlabel iteration --title "can: DBPO from a 7k-step DBP policy, 16 envs x 64 decisions" \
+  --out benchmarks/results/dbpo_can_chunk_baseline.png
