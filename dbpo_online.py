@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -239,6 +239,14 @@ def dbpo_loss(policy, sigma_head, critic, anchor, obs, z, action, old_logp, adv,
     return loss, info
 
 
+def split_cosine(loss_fn, params, mask):
+    """Cosine between the gradients of loss_fn(mask) and loss_fn(~mask), two disjoint halves of a batch. If each
+    sample's gradient is a signal s plus independent noise n, two halves of B/2 samples give about
+    1 / (1 + |n|^2 / (|s|^2 B / 2)): 0 when the noise swamps the signal, near 1 when the batch averages it out."""
+    g1, g2 = (torch.cat([g.flatten() for g in torch.autograd.grad(loss_fn(m), params)]) for m in (mask, ~mask))
+    return F.cosine_similarity(g1, g2, dim=0).item()
+
+
 def gae(rewards, values, next_values, terminated, dones, gamma, lam):
     """Generalised advantage estimation over [T, N] arrays. next_values[t] is V of the observation after
     decision t; at an episode end it is V(final observation) (the reset observation follows). A termination
@@ -389,6 +397,14 @@ if __name__ == "__main__":
         b_obs, b_z, b_mu, b_act = obs_buf.flatten(0, 1), z_buf.flatten(0, 1), mu_buf.flatten(0, 1), act_buf.flatten(0, 1)
         b_logp, b_adv, b_ret = logp_buf.flatten(), advantages.flatten(), returns.flatten()
         batch, mb_size = N * T, min(args.minibatch_size, N * T)
+        # Diagnostic (not in the paper): the cosine between the policy-gradient estimates of the two halves of
+        # the envs; near 0 when the batch is too small for its noise (see split_cosine).
+        if N >= 2:
+            pg_only = replace(args, ent_coef=0.0, vf_coef=0.0, anchor_coef=0.0)
+            pg_loss = lambda m: dbpo_loss(policy, sigma_head, critic, anchor, b_obs[m], b_z[m], b_act[m], b_logp[m],
+                                          b_adv[m], b_ret[m], pg_only, b_mu[m])[0]
+            halves = torch.arange(batch, device=device) % N < N // 2
+            writer.add_scalar("charts/pg_split_cosine", split_cosine(pg_loss, list(policy.parameters()), halves), iteration)
         for epoch in range(args.update_epochs):
             perm = torch.randperm(batch, device=device)
             for start in range(0, batch, mb_size):

@@ -126,6 +126,17 @@ def test_gae_with_a_termination_and_a_truncation():
     torch.testing.assert_close(ret, adv + v)
 
 
+def test_split_cosine_is_one_for_agreeing_halves_and_minus_one_for_opposing_ones():
+    w = torch.ones(3, requires_grad=True)
+    x = torch.tensor([[1.0, 2.0, 3.0]] * 4)
+    halves = torch.tensor([True, False, True, False])
+    assert dbpo.split_cosine(lambda m: (x[m] @ w).sum(), [w], halves) == pytest.approx(1.0)
+    sign = torch.where(halves, 1.0, -1.0)[:, None]
+    assert dbpo.split_cosine(lambda m: ((sign * x)[m] @ w).sum(), [w], halves) == pytest.approx(-1.0)
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] * 2)
+    assert dbpo.split_cosine(lambda m: (y[m] @ w).sum(), [w], halves) == pytest.approx(0.0)
+
+
 class CountingEnv(gym.Env):
     """Observation = step count; reward 1 per step; terminates after 5 steps."""
 
@@ -197,6 +208,8 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
     for run in ("dbpo_pretrain", "dbpo_online"):  # the time limit reaches the pretraining and both evaluations
         events, = glob.glob(str(tmp_path / "runs" / f"lift__{run}__1__*"))
         assert {e.value for e in EventAccumulator(events).Reload().Scalars("eval/length")} == {60.0}
+    cosines = [e.value for e in EventAccumulator(events).Reload().Scalars("charts/pg_split_cosine")]
+    assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per iteration (events: dbpo_online)
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
     obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
     z = np.random.randn(2, 4, 7).astype(np.float32)
