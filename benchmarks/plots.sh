@@ -52,6 +52,6 @@ python benchmarks/plot_runs.py --runs "$(last can__dbpo_can_chunkbase)" \
   --xlabel iteration --title "can: DBPO from a 7k-step DBP policy, 16 envs x 64 decisions" \
   --out benchmarks/results/dbpo_can_chunk_baseline.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_quiet)" \
-  --labels "DBPO, chunk baseline, 16 envs x 64 decisions, 100 iterations" \
+  --labels "DBPO, chunk baseline, 16 envs x 64 decisions (stopped at 150)" \
   --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations)" \
   --out benchmarks/results/dbpo_lift_100it.png
