@@ -66,7 +66,10 @@ class Args:
     dataset_path: Optional[str] = None
     """dataset of that short pretraining (default: dbp_bc.py's default data)"""
     num_iterations: int = 1_500
-    """PPO iterations"""
+    """PPO iterations (the length of the cosine learning-rate schedule)"""
+    stop_iteration: Optional[int] = None
+    """end the run after this iteration, evaluating and saving there (default: --num-iterations); the learning
+    rates still follow the schedule over --num-iterations"""
     num_envs: int = 40
     """parallel envs (subprocesses; CPU preset: 4)"""
     num_steps: int = 500
@@ -280,7 +283,7 @@ if __name__ == "__main__":
     ckpt = None
     if args.resume:
         ckpt = common.load_checkpoint(args.resume)
-        args = Args(**{**ckpt["args"], "resume": args.resume})
+        args = Args(**{**ckpt["args"], "resume": args.resume, "stop_iteration": args.stop_iteration})
         print(f"resuming {ckpt['run_name']} from iteration {ckpt['iteration']}")
     common.check_env_id(args.env_id)
     if args.reward_shaping and args.env_id not in common.ROBOMIMIC_TASKS:
@@ -350,7 +353,8 @@ if __name__ == "__main__":
     ep_return, ep_len = np.zeros(N), np.zeros(N, int)
     start_time, env_steps = time.time(), 0
 
-    for iteration in range(start_iter + 1, args.num_iterations + 1):
+    last_iteration = args.stop_iteration or args.num_iterations
+    for iteration in range(start_iter + 1, last_iteration + 1):
         for opt, lr, lr_min in ((actor_opt, args.actor_lr, args.actor_lr_min), (critic_opt, args.critic_lr, args.critic_lr_min)):
             opt.param_groups[0]["lr"] = lr_at(iteration - 1, lr, lr_min)
 
@@ -427,7 +431,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/epochs", epoch + 1, iteration)
         writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], iteration)
         writer.add_scalar("charts/SPS", env_steps / (time.time() - start_time), iteration)
-        if iteration % args.eval_every == 0 or iteration == args.num_iterations:
+        if iteration % args.eval_every == 0 or iteration == last_iteration:
             evaluate(iteration)
             if args.save_model:
                 save(os.path.join(run_dir, "dbpo.pt"), iteration)

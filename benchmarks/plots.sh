@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Learning-curve PNGs (and their CSVs) in benchmarks/results/ from the runs of dbp_vs_mse.sh, dfp_lift.sh,
-# dfp_lift_long.sh and dbpo_lift.sh (dbpo_lift_anchor0.1.*: its ANCHOR_COEF=0.1 run; dbpo_lift_30it.*: the
-# script's earlier version, commit 456e9b7).
+# dfp_lift_long.sh and dbpo_lift.sh (dbpo_lift.png and dbpo_lift_anchor0.1.*: commit 229d4ef's version of it and its
+# ANCHOR_COEF=0.1 run; dbpo_lift_30it.*: commit 456e9b7's version).
 # `python benchmarks/plot_runs.py --from-csv --out <png>` redraws one from its CSV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,3 +55,7 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_quiet)" \
   --labels "DBPO, chunk baseline, 16 envs x 64 decisions (stopped at 150)" \
   --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations)" \
   --out benchmarks/results/dbpo_lift_100it.png
+python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_sigma02)" "$(last lift__dbpo_lift_quiet)" \
+  --labels "exploration std 0.2, 80 iterations (benchmarks/dbpo_lift.sh)" "std 0.1, the run above (to 150)" \
+  --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations, the same seeds)" \
+  --out benchmarks/results/dbpo_lift_sigma02.png

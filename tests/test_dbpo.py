@@ -197,7 +197,12 @@ def test_robomimic_potential_is_robosuites_dense_reward_and_the_reward_stays_spa
     assert "potential" not in common.make_env("lift", seed=0).step(np.zeros(7))[-1]
 
 
-@pytest.mark.parametrize("flags", [[], ["--chunk-baseline", "--reward-shaping"]], ids=["value_of_s", "chunk_baseline_shaped"])
+# The second run also stops early: iteration 2 of a 6-iteration learning-rate schedule.
+STOPPED = ["--num-iterations", "6", "--stop-iteration", "2"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--chunk-baseline", "--reward-shaping", *STOPPED]],
+                         ids=["value_of_s", "chunk_baseline_shaped_stopped"])
 def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, flags):
     cmd = [sys.executable, os.path.join(ROOT, "dbpo_online.py"), "--env-id", "lift", "--dataset-path",
            robomimic_lift_file, "--pretrain-steps", "30", "--num-envs", "2", "--num-steps", "4", "--num-iterations", "2",
@@ -210,6 +215,10 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
         assert {e.value for e in EventAccumulator(events).Reload().Scalars("eval/length")} == {60.0}
     cosines = [e.value for e in EventAccumulator(events).Reload().Scalars("charts/pg_split_cosine")]
     assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per iteration (events: dbpo_online)
+    if "--stop-iteration" in flags:  # stopped at 2, with the learning rate of a 6-iteration cosine schedule
+        actor_lr = EventAccumulator(events).Reload().Scalars("charts/actor_lr")[-1].value
+        lr, lr_min, warm = 1e-5, 3e-6, 2 / 10  # the defaults; iteration 2 of the 10-iteration warm-up
+        assert actor_lr == pytest.approx(warm * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * 1 / 6))))
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
     obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
     z = np.random.randn(2, 4, 7).astype(np.float32)
