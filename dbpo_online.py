@@ -71,9 +71,9 @@ class Args:
     """end the run after this iteration, evaluating and saving there (default: --num-iterations); the learning
     rates still follow the schedule over --num-iterations"""
     num_envs: int = 40
-    """parallel envs (subprocesses; CPU preset: 4)"""
+    """parallel envs (subprocesses; CPU preset: 16)"""
     num_steps: int = 500
-    """chunk decisions per env per iteration (CPU preset: 75)"""
+    """chunk decisions per env per iteration (CPU preset: 64)"""
     update_epochs: int = 5
     """PPO epochs per iteration"""
     minibatch_size: int = 50_000
@@ -137,7 +137,7 @@ class Args:
     """time limit of the training and evaluation episodes (none: QC / DFP's 300 / 300 / 400 on lift / can /
     square; DBPO's Robomimic online config uses 400)"""
     resume: Optional[str] = None
-    """path of a dbpo.pt checkpoint to continue from"""
+    """path of a dbpo.pt checkpoint to continue from, with its settings (only --stop-iteration is taken anew)"""
 
 
 class ChunkEnv(gym.Wrapper):

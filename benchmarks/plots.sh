@@ -56,6 +56,6 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_quiet)" \
   --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations)" \
   --out benchmarks/results/dbpo_lift_100it.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_sigma02)" "$(last lift__dbpo_lift_quiet)" \
-  --labels "exploration std 0.2, 80 iterations (benchmarks/dbpo_lift.sh)" "std 0.1, the run above (to 150)" \
-  --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations, the same seeds)" \
+  --labels "std 0.2: 80 iterations (benchmarks/dbpo_lift.sh), then to 120" "std 0.1 (the earlier run, to 150)" \
+  --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100 episodes, same seeds)" \
   --out benchmarks/results/dbpo_lift_sigma02.png
