@@ -213,10 +213,11 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
     for run in ("dbpo_pretrain", "dbpo_online"):  # the time limit reaches the pretraining and both evaluations
         events, = glob.glob(str(tmp_path / "runs" / f"lift__{run}__1__*"))
         assert {e.value for e in EventAccumulator(events).Reload().Scalars("eval/length")} == {60.0}
-    cosines = [e.value for e in EventAccumulator(events).Reload().Scalars("charts/pg_split_cosine")]
-    assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per iteration (events: dbpo_online)
+    logged = EventAccumulator(events).Reload()  # events: dbpo_online's, the last of the loop above
+    cosines = [e.value for e in logged.Scalars("charts/pg_split_cosine")]
+    assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per iteration
     if "--stop-iteration" in flags:  # stopped at 2, with the learning rate of a 6-iteration cosine schedule
-        actor_lr = EventAccumulator(events).Reload().Scalars("charts/actor_lr")[-1].value
+        actor_lr = logged.Scalars("charts/actor_lr")[-1].value
         lr, lr_min, warm = 1e-5, 3e-6, 2 / 10  # the defaults; iteration 2 of the 10-iteration warm-up
         assert actor_lr == pytest.approx(warm * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * 1 / 6))))
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
