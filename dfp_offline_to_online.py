@@ -21,12 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import tyro
-
-import common
+import common  # light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
 
 
 @dataclass
@@ -51,6 +46,15 @@ class Args:
     """whether to render a few final evaluation episodes to runs/{run_name}/videos (MUJOCO_GL=egl)"""
     save_model: bool = True
     """whether to save the checkpoint runs/{run_name}/dfp.pt (resumable)"""
+    preset: str = "paper"
+    """paper: the paper's settings below; cpu: the measured CPU recipe of --env-id (PRESETS; README)"""
+    resume: Optional[str] = None
+    """path of a dfp.pt checkpoint to continue exactly; budget and evaluation flags given with it are applied"""
+    trust_checkpoint: bool = False
+    """load --resume files that are not weights-only (written by old versions): only from a source you trust,
+    since unpickling such a file can run code"""
+    checkpoint_every_minutes: float = 10.0
+    """also write dfp.pt every this many minutes (and on SIGTERM / SIGINT / SIGUSR1, then exit 75)"""
 
     # Algorithm specific arguments
     env_id: str = "lift"
@@ -58,9 +62,9 @@ class Args:
     dataset_path: Optional[str] = None
     """dataset file; default: the official file if present, else generated scripted / oracle data"""
     offline_steps: int = 1_000_000
-    """offline gradient steps (paper: 1M; CPU preset: 5k)"""
+    """offline gradient steps (paper: 1M; --preset cpu: 15k)"""
     online_steps: int = 1_000_000
-    """online env steps (paper: 1M; CPU preset: 5k)"""
+    """online env steps (paper: 1M; --preset cpu: 10k)"""
     start_training: int = 5_000
     """online env steps collected before the online updates start"""
     utd: int = 1
@@ -103,17 +107,35 @@ class Args:
     """OGBench only: 'pre' (ogbench >= 1.2, matches the dataset labels) or 'post' (ogbench 1.1.2, as the paper ran)"""
     eval_every: int = 100_000
     """evaluate (and checkpoint) every this many steps, offline and online"""
+    first_eval: int = 2_000
+    """also evaluate (and checkpoint) at this early step, so that a long run shows a result soon (0: no)"""
     eval_episodes: int = 50
     """episodes per periodic evaluation (final: final_eval_episodes)"""
     final_eval_episodes: int = 100
     """episodes of the final evaluation"""
     num_eval_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
-    resume: Optional[str] = None
-    """path of a dfp.pt checkpoint to continue from (its run directory and args are reused)"""
 
 
-# ALGO LOGIC: the drifting loss (METHOD.md A.2). The same function is copied verbatim from
+# The measured CPU recipe (README, docs/dfp_offline_to_online.md), one flag away: `--preset cpu`. Explicit flags
+# still win. Smaller networks, 15k offline + 10k online steps, normalised observations and He init for the actor
+# (the two changes that made the offline phase learn at this budget on lift; see the docs).
+_CPU = dict(offline_steps=15_000, online_steps=10_000, hidden_dims=(256, 256, 256), start_training=1_000,
+            eval_every=5_000, first_eval=0, eval_episodes=50, final_eval_episodes=100, actor_init="he", normalize_obs=True)
+PRESETS = {"cpu": {"lift": _CPU, "can": _CPU, "square": _CPU}}
+# Flags that may change on --resume (the rest define the run and must not).
+RESUMABLE = ("offline_steps", "online_steps", "eval_every", "first_eval", "eval_episodes", "final_eval_episodes",
+             "num_eval_envs", "checkpoint_every_minutes", "threads", "cuda", "track", "capture_video", "save_model")
+
+if __name__ == "__main__":
+    args, ckpt = common.parse_args(Args, PRESETS, "dfp_offline_to_online", RESUMABLE)
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+# ALGO LOGIC: the drifting loss (docs/method.md). The same function is copied verbatim from
 # dbp_bc.py; tests/test_drift_loss.py keeps the copies identical.
 def drift_loss(gen, pos, temperatures=(0.02, 0.05, 0.2), neg=None):
     """Drifting loss with one group per row b. Returns (loss per group [B], info).
@@ -340,20 +362,24 @@ class ReplayBuffer:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume)
-        args = Args(**{**ckpt["args"], "resume": args.resume})
-        print(f"resuming {ckpt['run_name']} from step {ckpt['step']}")
+    if not args.resume and args.lambda_topk == 0 and args.exp_name == "dfp_offline_to_online":
+        args.exp_name = "dfp_offline_to_online_lambda0"  # the ablation shows in the run name
     common.check_env_id(args.env_id)
     robomimic = args.env_id in common.ROBOMIMIC_TASKS
     # Per-benchmark hyperparameters of the paper's Table 5 (the released YAML uses K 4, N' 16, temps (0.1,)).
     args.k = args.k or (2 if robomimic else 4)
     args.n_best = args.n_best or (4 if robomimic else 16)
     args.temperatures = args.temperatures or ((0.005, 0.05) if robomimic else (0.05,))
-    assert args.k <= args.pool_size, "K must not exceed the pool size N"
-    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
+    common.require_positive(args, "batch_size", "learning_rate", "horizon", "num_qs", "gen_per_obs", "pool_size", "k",
+                            "n_best", "utd", "eval_every", "eval_episodes", "final_eval_episodes", "num_eval_envs",
+                            "checkpoint_every_minutes", "threads")
+    common.require(args.offline_steps >= 0 and args.online_steps >= 0 and args.offline_steps + args.online_steps > 0,
+                   f"--offline-steps and --online-steps must be >= 0 with a positive sum, not {args.offline_steps} and "
+                   f"{args.online_steps}")
+    common.require(args.start_training >= 0 and args.first_eval >= 0, "--start-training and --first-eval must be >= 0")
+    common.require(args.k <= args.pool_size, f"--k {args.k} must not exceed --pool-size {args.pool_size} (K of N)")
+    common.require(len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0, "--hidden-dims needs positive layer sizes")
+    common.require(args.success_timing in ("pre", "post"), f"--success-timing must be pre or post, not {args.success_timing!r}")
 
     # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
@@ -361,10 +387,11 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     env_kwargs = {} if robomimic else {"success_timing": args.success_timing}
-    env = common.make_env(args.env_id, args.seed, **env_kwargs)
 
     # Data. Robomimic: reward r - 1 in {-1, 0}, episodes end at success (QC / DFP); OGBench: the env's reward.
     data = common.load_dataset(args.env_id, args.dataset_path)
+    args.dataset_path = data["dataset_path"]  # args.json records the file actually used
+    common.require(len(data["observations"]) >= args.horizon, f"the dataset has fewer transitions than --horizon {args.horizon}")
     if robomimic:
         data["rewards"] = data["rewards"] - 1.0
     data["actions"] = np.clip(data["actions"], -1 + 1e-5, 1 - 1e-5)
@@ -381,6 +408,7 @@ if __name__ == "__main__":
     buffer = ReplayBuffer(data, capacity=len(data["observations"]) + args.online_steps)
     print(f"{args.env_id}: {buffer.size} offline transitions from {data['dataset_path']}")
 
+    env = common.make_env(args.env_id, args.seed, **env_kwargs)
     obs_dim, action_dim, H = env.observation_space.shape[0], env.action_space.shape[0], args.horizon
     S = H * action_dim
     actor = Actor(obs_dim, S, args.hidden_dims, args.actor_init).to(device)
@@ -388,28 +416,41 @@ if __name__ == "__main__":
     target_critic = copy.deepcopy(critic).requires_grad_(False)
     actor_old = copy.deepcopy(actor).requires_grad_(False)  # pi_old: re-initialised at the switch to online
     optimizer = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.learning_rate)
-    global_step = 0
+    nets = dict(actor=actor, critic=critic, target_critic=target_critic, actor_old=actor_old, optimizer=optimizer)
+    global_step, episode, switch_success, wall_time = 0, 0, None, 0.0
     if ckpt:
-        for net, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic"),
-                         (actor_old, "actor_old"), (optimizer, "optimizer")):
+        for key, net in nets.items():
             net.load_state_dict(ckpt[key])
-        for k, v in ckpt["replay_online"].items():
+        online = {k: v.numpy() for k, v in ckpt["replay_online"].items()}
+        for k, v in online.items():
             buffer.data[k][buffer.size: buffer.size + len(v)] = v
-        buffer.size += len(ckpt["replay_online"]["rewards"])
-        global_step, rng = ckpt["step"], ckpt["rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
+        buffer.size += len(online["rewards"])
+        rng = common.numpy_rng_from_state(ckpt["rng"])
+        common.set_rng_state(ckpt["rngs"])
+        global_step, episode, switch_success, wall_time = ckpt["step"], ckpt["episode"], ckpt["switch_success"], ckpt["wall_time_s"]
+        print(f"resuming {ckpt['run_name']} from step {global_step}")
+    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"], ckpt and ckpt["step"] + 1)
+    t_start = time.time() - wall_time
     policy_kwargs = dict(obs_dim=obs_dim, action_dim=action_dim, horizon=H, hidden_dims=args.hidden_dims,
                          num_qs=args.num_qs, n_best=args.n_best)
 
-    def save(path):
+    def snapshot():
+        """Everything a resume needs, as plain data (tensors cloned): the state at this step."""
+        return copy.deepcopy(dict(
+            **{key: net.state_dict() for key, net in nets.items()}, buffer_size=buffer.size,
+            rng=common.numpy_rng_state(rng), rngs=common.rng_state(), step=global_step, episode=episode,
+            switch_success=switch_success, wall_time_s=time.time() - t_start))
+
+    def save(state):
+        """dfp.pt from a snapshot. Online, the snapshot is the start of the current episode: a resume replays that
+        episode exactly (the env is re-seeded per episode), so no chunk in the replay buffer crosses the join."""
+        path = os.path.join(run_dir, "dfp.pt")
         common.save_checkpoint(path, dict(
-            policy_module="dfp_offline_to_online", policy_kwargs=policy_kwargs, obs_norm=obs_norm.state_dict(),
-            actor=actor.state_dict(),
-            critic=critic.state_dict(), target_critic=target_critic.state_dict(), actor_old=actor_old.state_dict(),
-            optimizer=optimizer.state_dict(), replay_online={k: v[buffer.offline_size: buffer.size]
-                                                             for k, v in buffer.data.items()},
-            rng=rng, torch_rng=torch.get_rng_state(), args=vars(args), run_name=run_name, env_id=args.env_id,
-            step=global_step, dataset_path=data["dataset_path"]))
+            script="dfp_offline_to_online", policy_module="dfp_offline_to_online", policy_kwargs=policy_kwargs,
+            obs_norm=obs_norm.state_dict(), **{k: v for k, v in state.items() if k != "buffer_size"},
+            replay_online={k: v[buffer.offline_size: state["buffer_size"]] for k, v in buffer.data.items()},
+            args=vars(args), run_name=run_name, env_id=args.env_id, dataset_path=data["dataset_path"]))
+        return path
 
     @torch.no_grad()
     def act_fn(obs_hist):  # raw [n, 1, Do] -> [n, H, Da]: best-of-N' under the critic (offline and online)
@@ -422,7 +463,9 @@ if __name__ == "__main__":
                  buffer.sample(args.batch_size, H, args.discount, rng).items()}
         loss, info = compute_losses(batch, actor, critic, target_critic, actor_old, args, online)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {global_step}; lower --learning-rate or check the data")
+            bad = [k for k, v in info.items() if not torch.isfinite(v).all()]
+            raise common.UserError(f"{', '.join(bad) or 'the loss'} became non-finite at step {global_step}; the last "
+                                   f"good checkpoint is {os.path.join(run_dir, 'dfp.pt')}. Lower --learning-rate.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -431,63 +474,82 @@ if __name__ == "__main__":
             polyak_update(actor_old, actor, args.old_tau)
         return info
 
-    def maybe_evaluate(final=False):
-        if not (final or global_step % args.eval_every == 0):
-            return
-        n = args.final_eval_episodes if final else args.eval_episodes
-        result = common.evaluate(act_fn, args.env_id, n, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
-        for key, v in result.items():
-            writer.add_scalar(f"eval/{key}", v, global_step)
-        phase = "offline" if global_step <= args.offline_steps else "online"
-        print(f"step {global_step} ({phase}): success {result['success_rate']:.2f} over {result['episodes']} episodes")
-        if args.save_model:
-            save(os.path.join(run_dir, "dfp.pt"))
+    total = args.offline_steps + args.online_steps
+    progress = common.Progress("dfp", total, global_step, hint="For a CPU, try --preset cpu; on a GPU, --cuda.")
+    checkpointing = common.Checkpointing(args.checkpoint_every_minutes)
 
-    def log(info, sps_start, sps_step):
-        if global_step % 100 == 0:
-            for key, v in info.items():
-                writer.add_scalar(key, v.item(), global_step)
-            writer.add_scalar("charts/SPS", (global_step - sps_step) / (time.time() - sps_start), global_step)
+    def maybe_evaluate(state):
+        """Evaluate and checkpoint at every --eval-every steps, at --first-eval, and at the end; checkpoint also
+        every --checkpoint-every-minutes and on a stop signal (then exit 75). Returns an offline evaluation's success."""
+        offline_success = None
+        evaluate_now = global_step % args.eval_every == 0 or global_step == args.first_eval
+        if evaluate_now:
+            result = common.evaluate(act_fn, args.env_id, args.eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+            for key, v in result.items():
+                writer.add_scalar(f"eval/{key}", v, global_step)
+            phase = "offline" if global_step <= args.offline_steps else "online"
+            progress.evaluation(f"success {result['success_rate']:.2f} over {result['episodes']} episodes ({phase})")
+            offline_success = result["success_rate"] if phase == "offline" else None
+        if args.save_model and (evaluate_now or checkpointing.due()):
+            checkpointing.saved(save(state() if callable(state) else state), global_step, writer)
+        return offline_success
 
     # Offline phase: L_BC and the critic on the offline data.
-    start, start_step = time.time(), global_step
     while global_step < args.offline_steps:
         global_step += 1
         info = update(online=False)
-        log(info, start, start_step)
-        maybe_evaluate()
+        progress.update()
+        if global_step % 100 == 0:
+            for key, v in info.items():
+                writer.add_scalar(key, v.item(), global_step)
+            writer.add_scalar("charts/SPS", progress.rates()[0], global_step)
+        success = maybe_evaluate(snapshot)
+        switch_success = switch_success if success is None else success  # the last offline one: success at the switch
 
     # Switch: pi_old <- the actor (if not resuming mid-online). Online: collect with best-of-N', update, evaluate.
     if global_step == args.offline_steps:
         actor_old.load_state_dict(actor.state_dict())
-    obs, _ = env.reset(seed=args.seed)
-    queue, ep_return, ep_len, ep_success = [], 0.0, 0, False
-    start, start_step = time.time(), global_step
-    while global_step < args.offline_steps + args.online_steps:
-        global_step += 1
-        online_step = global_step - args.offline_steps
-        # ALGO LOGIC: act from the action queue; a new best-of-N' chunk when it is empty
-        if not queue:
-            queue = list(act_fn(obs[None, None])[0])
-        action = queue.pop(0)
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        buffer.add(observations=norm(obs), actions=action, rewards=reward - 1.0 if robomimic else reward,
-                   masks=1.0 - terminated, terminals=float(terminated or truncated), next_observations=norm(next_obs))
-        ep_return, ep_len, ep_success = ep_return + reward, ep_len + 1, ep_success or info["success"]
-        obs = next_obs
-        if terminated or truncated:  # TRY NOT TO MODIFY: episode bookkeeping; the queue is flushed on reset
-            writer.add_scalar("charts/episodic_return", ep_return, global_step)
-            writer.add_scalar("charts/episodic_length", ep_len, global_step)
-            writer.add_scalar("charts/success", float(ep_success), global_step)
-            obs, _ = env.reset()
-            queue, ep_return, ep_len, ep_success = [], 0.0, 0, False
-        if online_step >= args.start_training:
-            for _ in range(args.utd):
-                info = update(online=True)
-            log(info, start, start_step)
-        maybe_evaluate()
+    while global_step < total:
+        # TRY NOT TO MODIFY: a new episode, seeded by its index; its start is what a checkpoint holds (see save)
+        obs, _ = env.reset(seed=args.seed + episode)
+        episode_start = snapshot()
+        queue, ep_return, ep_len, ep_success, done = [], 0.0, 0, False, False
+        while not done and global_step < total:
+            global_step += 1
+            # ALGO LOGIC: act from the action queue; a new best-of-N' chunk when it is empty
+            if not queue:
+                queue = list(act_fn(obs[None, None])[0])
+            action = queue.pop(0)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            done = terminated or truncated or global_step == total  # the run's end also ends the episode
+            buffer.add(observations=norm(obs), actions=action, rewards=reward - 1.0 if robomimic else reward,
+                       masks=1.0 - terminated, terminals=float(done), next_observations=norm(next_obs))
+            ep_return, ep_len, ep_success = ep_return + reward, ep_len + 1, ep_success or info["success"]
+            obs = next_obs
+            if global_step - args.offline_steps >= args.start_training:
+                for _ in range(args.utd):
+                    info = update(online=True)
+                if global_step % 100 == 0:
+                    for key, v in info.items():
+                        writer.add_scalar(key, v.item(), global_step)
+                    writer.add_scalar("charts/SPS", progress.rates()[0], global_step)
+            progress.update()
+            maybe_evaluate(episode_start)
+        episode += 1
+        # TRY NOT TO MODIFY: episode bookkeeping
+        writer.add_scalar("charts/episodic_return", ep_return, global_step)
+        writer.add_scalar("charts/episodic_length", ep_len, global_step)
+        writer.add_scalar("charts/success", float(ep_success), global_step)
+    progress.close()
 
-    maybe_evaluate(final=True)
+    result = common.evaluate(act_fn, args.env_id, args.final_eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+    for key, v in result.items():
+        writer.add_scalar(f"eval/final_{key}", v, global_step)
+    print(f"final: success {result['success_rate']:.3f} over {result['episodes']} episodes")
+    if args.save_model:
+        save(snapshot())
+    common.write_results(run_dir, args, "dfp_offline_to_online", steps=global_step, final_success=result["success_rate"],
+                         final_episodes=result["episodes"], switch_success=switch_success, wall_time_s=time.time() - t_start)
     if args.capture_video:
         common.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), 1, H)
     env.close()
