@@ -585,9 +585,16 @@ class Checkpointing:
 
 def ignore_stop_signals():
     """For env worker processes: Ctrl-C (sent to the whole process group) and SIGUSR1 are the main process's
-    to handle, so an evaluation in flight finishes and the checkpoint can be written."""
+    to handle, so an evaluation in flight finishes and the checkpoint can be written. SIGTERM ends a worker
+    (as the parent's exit sends it; a forked worker would otherwise inherit the parent's handler). A no-op in the
+    main process, where AsyncVectorEnv also builds one env to read the spaces."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------------------------

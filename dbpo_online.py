@@ -23,14 +23,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Optional
 
-import gymnasium as gym
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import tyro
-
-import common
+import common  # light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
 
 
 @dataclass
@@ -55,6 +48,16 @@ class Args:
     """whether to render a few final evaluation episodes to runs/{run_name}/videos (MUJOCO_GL=egl)"""
     save_model: bool = True
     """whether to save runs/{run_name}/dbpo.pt (a dbp_bc-format policy plus the PPO state, resumable)"""
+    preset: str = "paper"
+    """paper: the paper's settings below; cpu: the measured CPU recipe of --env-id (PRESETS; README)"""
+    resume: Optional[str] = None
+    """path of a dbpo.pt checkpoint to continue; budget and evaluation flags given with it are applied"""
+    trust_checkpoint: bool = False
+    """load --checkpoint / --resume files that are not weights-only (written by old versions): only from a source
+    you trust, since unpickling such a file can run code"""
+    checkpoint_every_minutes: float = 10.0
+    """also write dbpo.pt at the first iteration end after this many minutes (and on SIGTERM / SIGINT / SIGUSR1:
+    the last finished iteration, then exit 75)"""
 
     # Algorithm specific arguments
     env_id: str = "lift"
@@ -136,8 +139,30 @@ class Args:
     max_episode_steps: Optional[int] = None
     """time limit of the training and evaluation episodes (none: QC / DFP's 300 / 300 / 400 on lift / can /
     square; DBPO's Robomimic online config uses 400)"""
-    resume: Optional[str] = None
-    """path of a dbpo.pt checkpoint to continue from, with its settings (only --stop-iteration is taken anew)"""
+
+
+# The measured CPU recipe (README, docs/dbpo_online.md), one flag away: `--preset cpu`. Explicit flags still win.
+# A deliberately short DBP pretraining (6k steps: 30-70% success, room to improve), then 80 iterations of 16 envs x
+# 64 decisions with the learning rates of a 200-iteration schedule. Deviations from the paper's settings, each
+# measured (docs/dbpo_online.md): PPO clip 0.1, exploration std 0.2, actor lr 3e-5 -> 1e-5, the log-prob of the
+# unclipped sample, and the chunk baseline V(s, f(z, s)).
+PRESETS = {"cpu": {"lift": dict(
+    pretrain_steps=6_000, num_envs=16, num_steps=64, num_iterations=200, stop_iteration=80, critic_warmup_iters=10,
+    update_epochs=5, minibatch_size=256, clip_coef=0.1, sigma_init=0.2, sigma_max=0.2, actor_lr=3e-5,
+    actor_lr_min=1e-5, clip_logprob_action=False, anchor_coef=1.0, chunk_baseline=True, eval_every=40,
+    eval_episodes=100, num_eval_envs=4)}}
+# Flags that may change on --resume (the rest define the run and must not).
+RESUMABLE = ("num_iterations", "stop_iteration", "eval_every", "eval_episodes", "num_eval_envs",
+             "checkpoint_every_minutes", "threads", "cuda", "track", "capture_video", "save_model")
+
+if __name__ == "__main__":
+    args, ckpt = common.parse_args(Args, PRESETS, "dbpo_online", RESUMABLE)
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 class ChunkEnv(gym.Wrapper):
@@ -268,28 +293,38 @@ def pretrain_dbp(args):
     print(f"[dbpo] no --checkpoint given: pretraining DBP on {args.env_id} for {args.pretrain_steps} steps first "
           f"(python dbp_bc.py); pass --checkpoint runs/.../dbp.pt to fine-tune your own policy")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dbp_bc.py")
-    subprocess.run([sys.executable, script, "--env-id", args.env_id, "--seed", str(args.seed), "--exp-name",
-                    "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
-                    "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
-                    "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda",
-                    *(["--dataset-path", args.dataset_path] if args.dataset_path else []),
-                    *(["--max-episode-steps", str(args.max_episode_steps)] if args.max_episode_steps else [])], check=True)
-    path = max(glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt"), key=os.path.getmtime)
-    return os.path.abspath(path)
+    started = time.time()
+    done = subprocess.run([sys.executable, script, "--env-id", args.env_id, "--seed", str(args.seed), "--exp-name",
+                           "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
+                           "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
+                           "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda",
+                           *(["--dataset-path", args.dataset_path] if args.dataset_path else []),
+                           *(["--max-episode-steps", str(args.max_episode_steps)] if args.max_episode_steps else [])])
+    found = [p for p in glob.glob(f"runs/{args.env_id}__dbpo_pretrain__{args.seed}__*/dbp.pt") if os.path.getmtime(p) >= started]
+    if done.returncode != 0 or not found:
+        raise common.UserError(f"the DBP pretraining failed (its message is above; exit status {done.returncode}). "
+                               f"Fix that, or pass --checkpoint runs/.../dbp.pt.")
+    return os.path.abspath(max(found, key=os.path.getmtime))
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume)
-        args = Args(**{**ckpt["args"], "resume": args.resume, "stop_iteration": args.stop_iteration})
-        print(f"resuming {ckpt['run_name']} from iteration {ckpt['iteration']}")
     common.check_env_id(args.env_id)
-    if args.reward_shaping and args.env_id not in common.ROBOMIMIC_TASKS:
-        raise common.UserError("--reward-shaping needs a Robomimic task (lift, can, square): it uses robosuite's dense reward")
-    args.checkpoint = args.checkpoint or pretrain_dbp(args)
-    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
+    common.require_positive(args, "num_iterations", "stop_iteration", "num_envs", "num_steps", "update_epochs",
+                            "minibatch_size", "pretrain_steps", "clip_coef", "lr_warmup_iters", "eval_every",
+                            "eval_episodes", "num_eval_envs", "sigma_init", "sigma_min", "sigma_max", "max_episode_steps",
+                            "checkpoint_every_minutes", "threads")
+    common.require(args.stop_iteration is None or args.stop_iteration <= args.num_iterations,
+                   f"--stop-iteration {args.stop_iteration} is past --num-iterations {args.num_iterations}")
+    common.require(args.sigma_min <= args.sigma_init <= args.sigma_max,
+                   f"need --sigma-min <= --sigma-init <= --sigma-max, not {args.sigma_min}, {args.sigma_init}, {args.sigma_max}")
+    common.require(not args.reward_shaping or args.env_id in common.ROBOMIMIC_TASKS,
+                   "--reward-shaping needs a Robomimic task (lift, can, square): it uses robosuite's dense reward")
+    if args.checkpoint:
+        base = common.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+        common.require(base["policy_module"] == "dbp_bc", f"{args.checkpoint} is a {base['policy_module']} checkpoint; "
+                                                          f"DBPO fine-tunes dbp_bc.py policies (dbp.pt)")
+    else:
+        args.checkpoint = pretrain_dbp(args)
 
     # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
@@ -297,10 +332,9 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # The pretrained DBP policy (EMA weights): the actor mean, and a frozen copy for the anchor loss.
-    base = common.load_checkpoint(args.checkpoint, device)
-    if base["policy_module"] != "dbp_bc":
-        raise common.UserError(f"{args.checkpoint} is a {base['policy_module']} checkpoint; DBPO fine-tunes dbp_bc.py policies")
-    policy = common.load_policy(args.checkpoint, device, env_id=args.env_id).train().requires_grad_(True)
+    base = common.load_checkpoint(args.checkpoint, device, trust=args.trust_checkpoint)
+    policy = common.load_policy(args.checkpoint, device, env_id=args.env_id, trust=args.trust_checkpoint)
+    policy = policy.train().requires_grad_(True)
     anchor = copy.deepcopy(policy).requires_grad_(False)
     To, H, Ta, Da = policy.n_obs_steps, policy.horizon, policy.n_action_steps, policy.action_dim
     cond_dim = To * policy.obs_dim
@@ -309,51 +343,70 @@ if __name__ == "__main__":
     actor_params = [*policy.parameters(), *sigma_head.parameters()]
     actor_opt = torch.optim.AdamW(actor_params, lr=args.actor_lr, weight_decay=args.weight_decay)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
-    start_iter = 0
+    nets = dict(model=policy, anchor=anchor, sigma_head=sigma_head, critic=critic, actor_opt=actor_opt, critic_opt=critic_opt)
+    start_iter, pretrained_success, last_success, wall_time = 0, None, None, 0.0
     if ckpt:
-        policy.load_state_dict(ckpt["model"]), anchor.load_state_dict(ckpt["anchor"])
-        sigma_head.load_state_dict(ckpt["sigma_head"]), critic.load_state_dict(ckpt["critic"])
-        actor_opt.load_state_dict(ckpt["actor_opt"]), critic_opt.load_state_dict(ckpt["critic_opt"])
-        start_iter = ckpt["iteration"]
+        for key, net in nets.items():
+            net.load_state_dict(ckpt[key])
+        common.set_rng_state(ckpt["rng"])
+        start_iter, wall_time = ckpt["iteration"], ckpt["wall_time_s"]
+        pretrained_success, last_success = ckpt["pretrained_success"], ckpt["last_success"]
+        print(f"resuming {ckpt['run_name']} from iteration {start_iter}")
+    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"], ckpt and ckpt["iteration"] + 1)
+    t_start = time.time() - wall_time
 
     def lr_at(it, lr, lr_min):  # linear warm-up, then cosine to lr_min over all iterations
         warm = min(1.0, (it + 1) / args.lr_warmup_iters)
         return warm * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * it / args.num_iterations)))
 
-    def save(path, iteration):  # dbp_bc format (load_policy, robot_deploy) plus the PPO state
-        common.save_checkpoint(path, {**{k: base[k] for k in ("policy_module", "policy_kwargs", "dataset_path")},
-                                      "model": policy.state_dict(), "ema_model": policy.state_dict(),
-                                      "anchor": anchor.state_dict(), "sigma_head": sigma_head.state_dict(),
-                                      "critic": critic.state_dict(), "actor_opt": actor_opt.state_dict(),
-                                      "critic_opt": critic_opt.state_dict(), "iteration": iteration,
-                                      "step": iteration, "args": vars(args), "run_name": run_name,
-                                      "env_id": args.env_id, "pretrained": args.checkpoint})
+    def snapshot(iteration):
+        """Everything a resume needs, as plain data (tensors cloned), at the end of an iteration."""
+        return copy.deepcopy(dict(**{key: net.state_dict() for key, net in nets.items()}, rng=common.rng_state(),
+                                  iteration=iteration, pretrained_success=pretrained_success, last_success=last_success,
+                                  wall_time_s=time.time() - t_start))
+
+    def save(state):  # dbp_bc format (load_policy, robot_deploy) plus the PPO state
+        path = os.path.join(run_dir, "dbpo.pt")
+        common.save_checkpoint(path, {**{k: base[k] for k in ("policy_module", "policy_kwargs", "dataset_path")}, **state,
+                                      "script": "dbpo_online", "ema_model": state["model"], "step": state["iteration"],
+                                      "args": vars(args), "run_name": run_name, "env_id": args.env_id,
+                                      "pretrained": args.checkpoint})
+        return path
 
     def evaluate(iteration):  # deterministic: a = f(z, s) with a fresh z and sigma off, one call
         result = common.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs,
                                  max_episode_steps=args.max_episode_steps)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, iteration)
-        print(f"iteration {iteration}: deterministic success {result['success_rate']:.2f} over {result['episodes']} episodes")
         return result
 
+    last_iteration = args.stop_iteration or args.num_iterations
+    progress = common.Progress("dbpo", last_iteration, start_iter, unit="iteration",
+                               hint="For a CPU, try --preset cpu; on a GPU, --cuda.")
     if start_iter == 0:
-        evaluate(0)
+        pretrained_success = last_success = evaluate(0)["success_rate"]
+        progress.evaluation(f"pretrained policy: deterministic success {pretrained_success:.2f} over {args.eval_episodes} episodes")
+    checkpointing = common.Checkpointing(args.checkpoint_every_minutes)
+    state = snapshot(start_iter)
     shaping_kw = dict(report_potential=True) if args.reward_shaping else {}
-    envs = gym.vector.AsyncVectorEnv(
-        [lambda i=i: ChunkEnv(common.make_env(args.env_id, args.seed + i, args.max_episode_steps, **shaping_kw), To, Ta,
-                              args.gamma if args.reward_shaping else None) for i in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    shaping_gamma = args.gamma if args.reward_shaping else None
+    # A resume starts fresh episodes: robosuite's controller state cannot be restored, so the interrupted episodes
+    # end at the checkpoint (the rollout buffer holds one iteration, so nothing is spliced; docs/dbpo_online.md).
+    envs = common.make_vec_env(args.env_id, args.num_envs, args.seed + 1000 * start_iter, max_episode_steps=args.max_episode_steps,
+                               wrapper=lambda env: ChunkEnv(env, To, Ta, shaping_gamma), **shaping_kw)
     N, T = args.num_envs, args.num_steps
     obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)
     z_buf, mu_buf, act_buf = (torch.zeros(T, N, H, Da, device=device) for _ in range(3))
     logp_buf, value_buf, next_value_buf, reward_buf, term_buf, done_buf = (torch.zeros(T, N, device=device) for _ in range(6))
-    next_obs, _ = envs.reset(seed=[args.seed + i for i in range(N)])
+    next_obs, _ = envs.reset(seed=[args.seed + 1000 * start_iter + i for i in range(N)])
     next_obs, next_z = torch.as_tensor(next_obs, device=device), torch.randn(N, H, Da, device=device)
     ep_return, ep_len = np.zeros(N), np.zeros(N, int)
-    start_time, env_steps = time.time(), 0
 
-    last_iteration = args.stop_iteration or args.num_iterations
+    def check_finite(name, x, iteration):
+        if not torch.isfinite(x).all():
+            raise common.UserError(f"{name} became non-finite at iteration {iteration}; the last good checkpoint is "
+                                   f"{os.path.join(run_dir, 'dbpo.pt')}. Lower the learning rates, or check the env.")
+
     for iteration in range(start_iter + 1, last_iteration + 1):
         for opt, lr, lr_min in ((actor_opt, args.actor_lr, args.actor_lr_min), (critic_opt, args.critic_lr, args.critic_lr_min)):
             opt.param_groups[0]["lr"] = lr_at(iteration - 1, lr, lr_min)
@@ -361,6 +414,8 @@ if __name__ == "__main__":
         # Rollout: a = clip(mu + sigma * xi, mu +- 3 sigma, [-1, 1]) in normalised action space; store z and a.
         # Each decision's z is drawn one step ahead, so that the bootstrap value can see it (--chunk-baseline).
         for t in range(T):
+            if checkpointing.signal and args.save_model:  # a stop signal mid-rollout: keep the last finished iteration
+                checkpointing.saved(save(state), state["iteration"], writer)
             with torch.no_grad():
                 obs_n, z = policy.normalize_obs(next_obs), next_z
                 mu, sigma = policy.generate(obs_n, z), sigma_head(obs_n).view(N, H, Da)
@@ -369,6 +424,7 @@ if __name__ == "__main__":
                     action = action.clamp(-1, 1)
                 logp = executed_logprob(mu, sigma, action, To - 1, Ta, args.logprob_min)
                 value = critic(critic_input(obs_n, mu, args.chunk_baseline)).squeeze(-1)
+            check_finite("the policy's mean action", mu, iteration)
             env_chunk = policy.unnormalize_action(action.clamp(-1, 1))[:, To - 1: To - 1 + Ta].clamp(-1, 1)
             obs_np, reward, terminated, truncated, info = envs.step(env_chunk.cpu().numpy())
             obs_buf[t], z_buf[t], mu_buf[t], act_buf[t], logp_buf[t], value_buf[t] = next_obs, z, mu, action, logp, value
@@ -377,6 +433,8 @@ if __name__ == "__main__":
             done = terminated | truncated
             done_buf[t] = torch.as_tensor(done, dtype=torch.float32, device=device)
             next_obs = torch.as_tensor(obs_np, device=device)
+            check_finite("an observation from the env", next_obs, iteration)
+            check_finite("a reward from the env", reward_buf[t], iteration)
             bootstrap_obs = next_obs.clone()
             for i in np.flatnonzero(done):  # V(final observation), not of the reset one
                 bootstrap_obs[i] = torch.as_tensor(info["final_obs"][i], device=device)
@@ -391,7 +449,6 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/episodic_return", ep_return[i], iteration)
                 writer.add_scalar("charts/success", float(info["final_info"]["success"][i]), iteration)
                 ep_return[i], ep_len[i] = 0.0, 0
-        env_steps += N * T * Ta
 
         # Rewards divided by their std within the iteration; GAE per chunk decision.
         rewards = reward_buf / (reward_buf.std() + 1e-8)
@@ -415,6 +472,8 @@ if __name__ == "__main__":
                 mb = perm[start: start + mb_size]
                 loss, info = dbpo_loss(policy, sigma_head, critic, anchor, b_obs[mb], b_z[mb], b_act[mb], b_logp[mb],
                                        b_adv[mb], b_ret[mb], args, b_mu[mb])
+                for k, v in info.items():
+                    check_finite(k, v, iteration)
                 actor_opt.zero_grad(set_to_none=True), critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
@@ -424,19 +483,27 @@ if __name__ == "__main__":
                     actor_opt.step()
             if info["losses/approx_kl"] > args.target_kl:
                 break
+        progress.update()
 
         # TRY NOT TO MODIFY: logging
         for k, v in {**info, "charts/reward_std": reward_buf.std()}.items():
             writer.add_scalar(k, v.item(), iteration)
         writer.add_scalar("charts/epochs", epoch + 1, iteration)
         writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], iteration)
-        writer.add_scalar("charts/SPS", env_steps / (time.time() - start_time), iteration)
-        if iteration % args.eval_every == 0 or iteration == last_iteration:
-            evaluate(iteration)
-            if args.save_model:
-                save(os.path.join(run_dir, "dbpo.pt"), iteration)
+        writer.add_scalar("charts/SPS", N * T * Ta * (progress.n - progress.start) / max(progress.train_time, 1e-9), iteration)
+        evaluate_now = iteration % args.eval_every == 0 or iteration == last_iteration
+        if evaluate_now:
+            last_success = evaluate(iteration)["success_rate"]
+            progress.evaluation(f"deterministic success {last_success:.2f} over {args.eval_episodes} episodes")
+        state = snapshot(iteration)
+        if args.save_model and (evaluate_now or checkpointing.due()):
+            checkpointing.saved(save(state), iteration, writer)  # exits here after a stop signal
+    progress.close()
 
     envs.close()
+    common.write_results(run_dir, args, "dbpo_online", steps=last_iteration, final_success=last_success,
+                         final_episodes=args.eval_episodes, switch_success=pretrained_success,
+                         wall_time_s=time.time() - t_start)
     if args.capture_video:
         common.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta,
                             max_episode_steps=args.max_episode_steps)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
+import threading
 from typing import Literal
 
 import numpy as np
@@ -42,8 +44,20 @@ OGBENCH_FULL_EPISODES = {"double": 1000, "triple": 3000, "quadruple": 5000}
 DEFAULT_OGBENCH_EPISODES = 70  # 70k transitions: about 3 minutes on 2 cores (MuJoCo steps at ~240/s per core)
 
 
+def _quiet_worker(initializer, *initargs):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it ends the pool
+    initializer(*initargs)
+
+
+def _stop_on_sigterm(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through `with _pool(...)`, which terminates the workers
+
+
 def _pool(initializer, initargs, num_workers):
-    return mp.get_context("spawn").Pool(num_workers, initializer=initializer, initargs=initargs)
+    """A worker pool whose workers end with the generator: on completion, an error, Ctrl-C or SIGTERM."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    return mp.get_context("spawn").Pool(num_workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
 
 
 def _write_atomic(path: str, write) -> None:

@@ -224,7 +224,7 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
     obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
     z = np.random.randn(2, 4, 7).astype(np.float32)
     np.testing.assert_array_equal(policy.act(obs, z), common.load_policy(path).act(obs, z))
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["iteration"] == 2 and os.path.isabs(ckpt["pretrained"])
     assert len(ckpt["actor_opt"]["state"]) > 0  # iteration 2 is past the 1-iteration critic warm-up: actor steps
     assert common.load_policy(ckpt["pretrained"]).n_action_steps == policy.n_action_steps

@@ -107,7 +107,7 @@ def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
            "--hidden-dims", "32", "32", "--gen-per-obs", "4", "--pool-size", "4", "--normalize-obs"]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dfp_offline_to_online__1__*" / "dfp.pt"))
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 70 and len(ckpt["replay_online"]["rewards"]) == 40
     obs, z = np.random.rand(2, 19).astype(np.float32), np.random.randn(2, 4, 35).astype(np.float32)
     policy = common.load_policy(path)  # best-of-N' (N' = 4 on Robomimic) with the saved critic

@@ -181,3 +181,32 @@ def test_dfp_killed_in_the_online_phase_resumes_bit_for_bit(tmp_path, robomimic_
     for k in a["replay_online"]:
         assert torch.equal(a["replay_online"][k], b["replay_online"][k]), k
     assert_same_scalars(scalars(one_run_dir(tmp_path / "a")), scalars(run_b))
+
+
+def test_dbpo_sigterm_keeps_the_last_iteration_exactly_and_resumes(tmp_path, robomimic_lift_file):
+    """DBPO checkpoints at iteration ends. A stop signal mid-iteration saves the last finished iteration, whose
+    weights, optimiser states and RNG equal the uninterrupted run's there bit for bit. After the resume the envs
+    start fresh episodes (robosuite's controller state cannot be restored), so later iterations see other
+    episodes than an uninterrupted run: the resume is exact up to the checkpoint, and clean after it."""
+    run_script("dbp_bc.py", [*TINY_DBP, "--dataset-path", robomimic_lift_file, "--total-steps", "30",
+                             "--exp-name", "pre"], tmp_path)
+    pretrained = glob.glob(str(tmp_path / "runs" / "lift__pre__*" / "dbp.pt"))[0]
+    args = ["--env-id", "lift", "--checkpoint", pretrained, "--num-envs", "2", "--num-steps", "4", "--num-iterations",
+            "4", "--eval-every", "2", "--eval-episodes", "1", "--num-eval-envs", "1", "--critic-warmup-iters", "1",
+            "--max-episode-steps", "40"]
+    run_script("dbpo_online.py", [*args, "--stop-iteration", "2", "--exp-name", "a"], tmp_path)
+    status, out = kill_at("dbpo_online.py", [*args, "--exp-name", "b"], tmp_path, lambda line: "iteration 2/4" in line)
+    assert status == common.Checkpointing.PREEMPTED, out
+    run_a, run_b = (glob.glob(str(tmp_path / "runs" / f"lift__{n}__*"))[0] for n in "ab")
+    a = torch.load(os.path.join(run_a, "dbpo.pt"), weights_only=True)
+    b = torch.load(os.path.join(run_b, "dbpo.pt"), weights_only=True)
+    assert a["iteration"] == b["iteration"] == 2
+    assert_same_state(a, b, ["model", "sigma_head", "critic", "actor_opt", "critic_opt"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    run_script("dbpo_online.py", ["--resume", os.path.join(run_b, "dbpo.pt")], tmp_path)
+    assert torch.load(os.path.join(run_b, "dbpo.pt"), weights_only=True)["iteration"] == 4
+    for tag, events in scalars(run_b).items():
+        steps = [s for s, _ in events]
+        if not tag.startswith("charts/episodic") and tag != "charts/success":  # one value per iteration
+            assert len(steps) == len(set(steps)), tag
+    assert os.path.exists(os.path.join(run_b, "results.json"))
