@@ -34,14 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import tyro
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common.py
-import common  # noqa: E402
+import common  # noqa: E402  (light: numpy and gymnasium; torch is imported after the arguments are parsed)
 
 
 @dataclass
@@ -66,6 +60,15 @@ class Args:
     """whether to render a few final evaluation episodes to runs/{run_name}/videos (MUJOCO_GL=egl)"""
     save_model: bool = True
     """whether to save checkpoints (diffusion.pt: latest, diffusion_best.pt: best periodic evaluation)"""
+    preset: str = "paper"
+    """paper: the defaults below; cpu: the CPU recipe of --env-id, dbp_bc.py's budget (PRESETS)"""
+    resume: Optional[str] = None
+    """path of a diffusion.pt checkpoint to continue exactly; budget and evaluation flags given with it are applied"""
+    trust_checkpoint: bool = False
+    """load --resume files that are not weights-only (written by old versions): only from a source you trust,
+    since unpickling such a file can run code"""
+    checkpoint_every_minutes: float = 10.0
+    """also write diffusion.pt every this many minutes (and on SIGTERM / SIGINT / SIGUSR1, then exit 75)"""
 
     # Algorithm specific arguments
     env_id: str = "lift"
@@ -122,8 +125,21 @@ class Args:
     """parallel evaluation envs (subprocesses)"""
     max_episode_steps: Optional[int] = None
     """evaluation time limit (none: QC / DFP's 300 / 300 / 400 on lift / can / square; DBP's paper uses 400)"""
-    resume: Optional[str] = None
-    """path of a diffusion.pt checkpoint to continue training from (its run directory and args are reused)"""
+
+
+# `--preset cpu`: dbp_bc.py's CPU budget on lift (the equal-budget comparison of docs/diffusion_bc.md).
+PRESETS = {"cpu": {"lift": dict(total_steps=20_000, eval_every=5_000)}}
+# Flags that may change on --resume (the rest define the run and must not).
+RESUMABLE = ("total_steps", "eval_every", "eval_episodes", "final_eval_episodes", "num_eval_envs", "max_episode_steps",
+             "checkpoint_every_minutes", "threads", "cuda", "track", "capture_video", "save_model")
+
+if __name__ == "__main__":
+    args, ckpt = common.parse_args(Args, PRESETS, "baselines.diffusion_bc", RESUMABLE)
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ALGO LOGIC: the noise schedule and one denoising step.
@@ -314,17 +330,16 @@ def sequence_indices(terminals, n_obs_steps, horizon):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume)
-        args = Args(**{**ckpt["args"], "resume": args.resume})
-        print(f"resuming {ckpt['run_name']} from step {ckpt['step']}")
     common.check_env_id(args.env_id)
-    assert args.n_obs_steps + args.n_action_steps - 1 <= args.horizon, "need To + Ta - 1 <= H"
-    assert args.backbone != "unet" or args.horizon % 4 == 0, "the U-Net downsamples twice: H must be divisible by 4"
-    assert 1 <= args.inference_steps <= args.num_diffusion_steps, "need 1 <= --inference-steps <= --num-diffusion-steps"
-    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"])
+    common.require_positive(args, "total_steps", "batch_size", "learning_rate", "warmup_steps", "eval_every",
+                            "eval_episodes", "final_eval_episodes", "num_eval_envs", "n_obs_steps", "horizon",
+                            "n_action_steps", "max_episode_steps", "num_diffusion_steps", "checkpoint_every_minutes")
+    common.require(args.n_obs_steps + args.n_action_steps - 1 <= args.horizon, "need To + Ta - 1 <= H "
+                   f"(--n-obs-steps {args.n_obs_steps}, --n-action-steps {args.n_action_steps}, --horizon {args.horizon})")
+    common.require(args.backbone != "unet" or args.horizon % 4 == 0,
+                   f"the U-Net downsamples twice: --horizon must be divisible by 4, not {args.horizon}")
+    common.require(1 <= args.inference_steps <= args.num_diffusion_steps,
+                   "need 1 <= --inference-steps <= --num-diffusion-steps")
 
     # TRY NOT TO MODIFY: seeding and CPU threads
     common.set_seed(args.seed, args.torch_deterministic)
@@ -333,6 +348,7 @@ if __name__ == "__main__":
 
     # Data: (observation history, demo chunk) pairs, indexed once, sampled on the device.
     data = common.load_dataset(args.env_id, args.dataset_path)
+    args.dataset_path = data["dataset_path"]  # args.json records the file actually used
     obs_idx, act_idx = sequence_indices(data["terminals"], args.n_obs_steps, args.horizon)
     obs_all = torch.as_tensor(data["observations"], device=device)
     act_all = torch.as_tensor(data["actions"], device=device)
@@ -352,24 +368,29 @@ if __name__ == "__main__":
     lr_lambda = lambda s: min(1.0, (s + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / args.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     data_rng = torch.Generator(device=device).manual_seed(args.seed)
-    start_step, best_success = 0, -1.0
+    start_step, best_success, wall_time = 0, -1.0, 0.0
     if ckpt:
         policy.load_state_dict(ckpt["model"]), ema_policy.load_state_dict(ckpt["ema_model"])
         optimizer.load_state_dict(ckpt["optimizer"]), scheduler.load_state_dict(ckpt["scheduler"])
         data_rng.set_state(ckpt["data_rng"].to(data_rng.get_state().device))
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_step, best_success = ckpt["step"], ckpt["best_success"]
+        common.set_rng_state(ckpt["rng"])
+        start_step, best_success, wall_time = ckpt["step"], ckpt["best_success"], ckpt["wall_time_s"]
+        print(f"resuming {ckpt['run_name']} from step {start_step}")
+    run_name, run_dir, writer = common.make_run(args, ckpt and ckpt["run_name"], ckpt and ckpt["step"] + 1)
+    t_start = time.time() - wall_time
 
     def save(path, step):
         common.save_checkpoint(path, dict(
-            policy_module="baselines.diffusion_bc", policy_kwargs=policy_kwargs, model=policy.state_dict(),
-            ema_model=ema_policy.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            data_rng=data_rng.get_state(), torch_rng=torch.get_rng_state(), args=vars(args), run_name=run_name,
-            env_id=args.env_id, step=step, best_success=best_success, dataset_path=data["dataset_path"]))
+            script="baselines.diffusion_bc", policy_module="baselines.diffusion_bc", policy_kwargs=policy_kwargs,
+            model=policy.state_dict(), ema_model=ema_policy.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), data_rng=data_rng.get_state(), rng=common.rng_state(), args=vars(args),
+            run_name=run_name, env_id=args.env_id, step=step, best_success=best_success,
+            dataset_path=data["dataset_path"], wall_time_s=time.time() - t_start))
 
     B, T = args.batch_size, args.num_diffusion_steps
     abar = torch.tensor(policy.alphas_cumprod, dtype=torch.float32, device=device)
-    start_time = time.time()
+    progress = common.Progress("diffusion_bc", args.total_steps, start_step, hint="On a GPU, use --cuda.")
+    checkpointing = common.Checkpointing(args.checkpoint_every_minutes)
     for step in range(start_step + 1, args.total_steps + 1):
         # ALGO LOGIC: one training step
         idx = torch.randint(len(obs_all), (B,), device=device, generator=data_rng)
@@ -383,7 +404,8 @@ if __name__ == "__main__":
         # Epsilon-prediction loss.
         loss = F.mse_loss(policy.net(x_t, t, obs_n.flatten(1)), noise)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}; lower --learning-rate or check the dataset")
+            raise common.UserError(f"the training loss became non-finite ({loss.item()}) at step {step}; the last good "
+                                   f"checkpoint is {os.path.join(run_dir, 'diffusion.pt')}. Lower --learning-rate.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -392,36 +414,42 @@ if __name__ == "__main__":
         decay = min(args.ema_max_decay, 1 - (1 + step) ** -args.ema_power)
         with torch.no_grad():
             torch._foreach_lerp_(list(ema_policy.parameters()), list(policy.parameters()), 1 - decay)
+        progress.update()
 
         # TRY NOT TO MODIFY: logging
         if step % 100 == 0:
             writer.add_scalar("losses/loss", loss.item(), step)
             writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("charts/SPS", (step - start_step) / (time.time() - start_time), step)
+            writer.add_scalar("charts/SPS", progress.rates()[0], step)  # training steps/s, evaluations excluded
         if step % args.eval_every == 0 or step == args.total_steps:
-            sps = (step - start_step) / (time.time() - start_time)
             result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
                                      num_envs=args.num_eval_envs, max_episode_steps=args.max_episode_steps)
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, step)
-            print(f"step {step}: success {result['success_rate']:.2f} over {result['episodes']} episodes, SPS {sps:.0f}")
-            if args.save_model:
-                if result["success_rate"] > best_success:
-                    best_success = result["success_rate"]
-                    save(os.path.join(run_dir, "diffusion_best.pt"), step)
-                save(os.path.join(run_dir, "diffusion.pt"), step)
+            progress.evaluation(f"success {result['success_rate']:.2f} over {result['episodes']} episodes")
+            if args.save_model and result["success_rate"] > best_success:
+                best_success = result["success_rate"]
+                save(os.path.join(run_dir, "diffusion_best.pt"), step)
+        if args.save_model and (step % args.eval_every == 0 or step == args.total_steps or checkpointing.due()):
+            save(os.path.join(run_dir, "diffusion.pt"), step)
+            checkpointing.saved(os.path.join(run_dir, "diffusion.pt"), step, writer)  # exits here after a stop signal
+    progress.close()
 
     # Final evaluation of the final and the best checkpoint, on seeds the periodic evaluation never used.
-    final_seed = common.EVAL_SEED_OFFSET + 50_000
+    final_seed, final = common.EVAL_SEED_OFFSET + 50_000, {}
     for tag in ("final", "best") if args.save_model else ("final",):
         best_path = os.path.join(run_dir, "diffusion_best.pt")
         eval_policy = ema_policy if tag == "final" else common.load_policy(best_path, device)
-        result = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
-                                 args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
-                                 max_episode_steps=args.max_episode_steps)
-        writer.add_scalar(f"eval/{tag}_success_rate", result["success_rate"], args.total_steps)
-        print(f"{tag} checkpoint: success {result['success_rate']:.3f} over {result['episodes']} episodes")
+        final[tag] = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
+                                     args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
+                                     max_episode_steps=args.max_episode_steps)
+        writer.add_scalar(f"eval/{tag}_success_rate", final[tag]["success_rate"], args.total_steps)
+        print(f"{tag} checkpoint: success {final[tag]['success_rate']:.3f} over {final[tag]['episodes']} episodes")
+    common.write_results(run_dir, args, "baselines.diffusion_bc", steps=args.total_steps,
+                         final_success=final["final"]["success_rate"], final_episodes=final["final"]["episodes"],
+                         best_success=final["best"]["success_rate"] if "best" in final else None,
+                         wall_time_s=time.time() - t_start)
     if args.capture_video:
         common.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
                             args.n_obs_steps, args.n_action_steps, max_episode_steps=args.max_episode_steps)

@@ -5,10 +5,13 @@
     python benchmarks/quality.py                             # run them one after another (hours on 2 CPU cores)
     python benchmarks/quality.py --tasks lift --seeds 1 --total-steps 2000 --eval-episodes 10   # a quick look
     python benchmarks/quality.py --plot-only                 # table and plot again from results/quality.csv
+    python benchmarks/quality.py --cluster slurm --gpus-per-run 1 --wait    # the same grid as one Slurm job array
 
-The benchmark resumes: a run whose row is already in quality.csv with the same settings (steps, batch, network,
-learning rate, episodes, dataset) and exit code 0 is kept and not run again, so the table can be filled over several
-sittings, seed by seed (--fresh starts over).
+The runs are launched by benchmarks/sweep.py (its options: --jobs, --threads, --work-dir, --dry-run, --cluster and
+the Slurm ones; see docs/sweeps.md). The benchmark resumes: a run whose run dir holds results.json at the same
+settings (steps, batch, network, learning rate, episodes, dataset: they are hashed into its exp name) is kept and
+not run again, and an interrupted run continues from its checkpoint, so the table can be filled over several
+sittings, seed by seed (--fresh starts every run over and drops the other rows of quality.csv).
 
 Equal budget: every run gets the same dataset (the default file of each task, or --dataset-path), the same
 optimiser steps, batch (observations per step), backbone, learning rate and schedule, EMA, chunking (the
@@ -20,29 +23,28 @@ and seed: common.EVAL_SEED_OFFSET + 50000 on, never seen by the periodic evaluat
     final_success   the final EMA weights
     best_success    the checkpoint with the best periodic evaluation (every --eval-every steps), re-evaluated
     best_periodic   that best periodic success itself (optimistic: selected on the same episodes)
-    wall_s          wall-clock of the whole run: training and every evaluation
+    wall_s          wall-clock of the whole run, training and every evaluation (results.json's wall_time_s)
     train_sps       optimiser steps per second before the first evaluation (TensorBoard charts/SPS)
-Rows go to benchmarks/results/quality.csv as runs finish; the summary (mean +- std over seeds, numpy's ddof = 0)
-to quality_summary.md and quality.png. Each run's output is kept in {work_dir}/runs/quality_logs/.
+Rows go to benchmarks/results/quality.csv when the runs have ended (rows of other tasks, methods and seeds already
+there are kept); the summary (mean +- std over seeds, numpy's ddof = 0) to quality_summary.md and quality.png.
+Each run's output is kept in {work_dir}/runs/sweeps/quality/logs/.
 Runs use --threads torch threads (OMP_NUM_THREADS): with a second thread on a busy 2-core machine torch slows down.
 """
 
 import csv
-import glob
 import os
-import re
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sweep  # benchmarks/sweep.py: launches the runs, locally or on Slurm
+
+ROOT = sweep.ROOT
+common = sweep.common
 # method -> (script, its extra flags)
 METHODS = {
     "dbp": ("dbp_bc.py", []),
@@ -53,6 +55,22 @@ METHODS = {
 FIELDS = ["task", "method", "seed", "final_success", "best_success", "best_periodic", "episodes", "total_steps",
           "batch_size", "backbone", "net", "learning_rate", "dataset", "wall_s", "train_sps", "returncode", "run_dir",
           "command"]
+
+
+@dataclass
+class Launch(sweep.Launch):
+    """benchmarks/sweep.py's launch options (every one of them), with the ones this benchmark documents restated"""
+
+    cluster: Literal["local", "slurm"] = "local"
+    """local: a process pool on this machine; slurm: one submitit job array (see docs/sweeps.md)"""
+    jobs: int = 1
+    """runs at the same time (keep 1 on a 2-core machine: each run also has --num-eval-envs env processes)"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS)"""
+    work_dir: str = "."
+    """where the runs write runs/{run_name}/ (checkpoints, TensorBoard) and runs/sweeps/quality/"""
+    dry_run: bool = False
+    """print the commands and exit"""
 
 
 @dataclass
@@ -83,20 +101,14 @@ class Args:
     """parallel evaluation envs per run"""
     dataset_path: Optional[str] = None
     """dataset file passed to every run (only with a single task); default: each task's default dataset"""
-    threads: int = 1
-    """torch threads per run (OMP_NUM_THREADS)"""
-    jobs: int = 1
-    """runs at the same time (keep 1 on a 2-core machine: each run also has --num-eval-envs env processes)"""
-    work_dir: str = "."
-    """where the runs write runs/{run_name}/ (checkpoints, TensorBoard) and runs/quality_logs/"""
     results_dir: str = os.path.join(ROOT, "benchmarks", "results")
     """where quality.csv, quality_summary.md and quality.png go"""
-    dry_run: bool = False
-    """print the commands and exit"""
     plot_only: bool = False
     """rebuild the summary and the plot from results_dir/quality.csv, without running anything"""
     fresh: bool = False
-    """ignore the rows already in quality.csv (default: keep the finished runs with the same settings, run the rest)"""
+    """run every run again and drop the other rows of quality.csv (default: keep the finished runs, run the rest)"""
+    launch: tyro.conf.OmitArgPrefixes[Launch] = field(default_factory=Launch)
+    """how the runs are launched (benchmarks/sweep.py)"""
 
 
 def settings(args, task):
@@ -107,54 +119,44 @@ def settings(args, task):
                 backbone=args.backbone, net=net, learning_rate=args.learning_rate, dataset=dataset)
 
 
-def command(args, task, method, seed):
-    script, extra = METHODS[method]
-    cmd = [sys.executable, os.path.join(ROOT, script), "--env-id", task, "--seed", str(seed),
-           "--exp-name", f"quality_{method}", "--total-steps", str(args.total_steps),
-           "--batch-size", str(args.batch_size), "--backbone", args.backbone,
-           "--hidden-dims", *map(str, args.hidden_dims), "--unet-dims", *map(str, args.unet_dims),
-           "--learning-rate", str(args.learning_rate), "--eval-every", str(args.eval_every),
-           "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
-           "--num-eval-envs", str(args.num_eval_envs), *extra]
-    return cmd + (["--dataset-path", os.path.abspath(args.dataset_path)] if args.dataset_path else [])
+def cells(args):
+    """The grid (task x method x seed, seed-major: an interrupted benchmark has every task and method at its first
+    seeds) as benchmarks/sweep.py cells; the exp names hash the flags, so a run is reused only at these settings."""
+    budget = ["--total-steps", str(args.total_steps), "--batch-size", str(args.batch_size), "--backbone", args.backbone,
+              "--hidden-dims", *map(str, args.hidden_dims), "--unet-dims", *map(str, args.unet_dims),
+              "--learning-rate", str(args.learning_rate), "--eval-every", str(args.eval_every),
+              "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
+              "--num-eval-envs", str(args.num_eval_envs)]
+    data = ["--dataset-path", os.path.abspath(args.dataset_path)] if args.dataset_path else []
+    methods = {m: {"script": METHODS[m][0], "flags": budget + METHODS[m][1] + data} for m in args.methods}
+    return sweep.make_cells("quality", methods, args.tasks, args.seeds)
 
 
-def train_sps(run_dir, first_eval_step):
-    """charts/SPS logged before the first evaluation: training throughput without evaluation time (nan if none)."""
+def tensorboard_figures(run_dir, first_eval_step):
+    """(best periodic success, charts/SPS logged before the first evaluation: training throughput without evaluation
+    time); nan where the run logged none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    if "charts/SPS" not in acc.Tags()["scalars"]:
-        return float("nan")
-    before = [e.value for e in acc.Scalars("charts/SPS") if e.step < first_eval_step]
-    return before[-1] if before else float("nan")
+    tags = acc.Tags()["scalars"]
+    periodic = [e.value for e in acc.Scalars("eval/success_rate")] if "eval/success_rate" in tags else []
+    before = [e.value for e in acc.Scalars("charts/SPS") if e.step < first_eval_step] if "charts/SPS" in tags else []
+    return max(periodic, default=float("nan")), before[-1] if before else float("nan")
 
 
-def run_one(args, task, method, seed):
-    cmd = command(args, task, method, seed)
-    log_dir = os.path.join(args.work_dir, "runs", "quality_logs")
-    os.makedirs(log_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    start = time.time()
-    proc = subprocess.run(cmd, cwd=args.work_dir, env=env, capture_output=True, text=True)
-    wall = time.time() - start
-    with open(os.path.join(log_dir, f"{task}__{method}__{seed}.log"), "w") as f:
-        f.write(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
-    final = re.search(r"^final checkpoint: success ([\d.]+) over (\d+) episodes", proc.stdout, re.M)
-    best = re.search(r"^best checkpoint: success ([\d.]+)", proc.stdout, re.M)
-    periodic = [float(s) for s in re.findall(r"^step \d+: success ([\d.]+) over", proc.stdout, re.M)]
-    # The run directory: runs/{task}__quality_{method}__{seed}__{unix time}, started after this launch.
-    dirs = [d for d in glob.glob(os.path.join(args.work_dir, "runs", f"{task}__quality_{method}__{seed}__*"))
-            if int(d.rsplit("__", 1)[1]) >= int(start)]
-    run_dir = max(dirs, key=os.path.getmtime) if dirs else ""
-    if proc.returncode != 0:
-        print(f"FAILED ({proc.returncode}): {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-2000:]}", flush=True)
-    return dict(task=task, method=method, seed=seed, final_success=float(final[1]) if final else float("nan"),
-                best_success=float(best[1]) if best else float("nan"),
-                best_periodic=max(periodic, default=float("nan")), **settings(args, task), wall_s=round(wall, 1),
-                train_sps=round(train_sps(run_dir, min(args.eval_every, args.total_steps)), 1) if run_dir else np.nan,
-                returncode=proc.returncode, run_dir=os.path.relpath(run_dir, args.work_dir) if run_dir else "",
+def row_of(args, cell, collected):
+    """quality.csv's row of one cell, from what sweep.py collected (results.json) and the run's TensorBoard events."""
+    r, nan = collected, float("nan")
+    finished = r["status"] == "finished"
+    run_dir = os.path.join(args.launch.work_dir, r["run_dir"]) if r["run_dir"] else ""
+    best_periodic, sps = tensorboard_figures(run_dir, min(args.eval_every, args.total_steps)) if run_dir else (nan, nan)
+    number = lambda key: float(r[key]) if finished and r[key] not in ("", None) else nan
+    cmd = sweep.command(cell, args.launch)
+    return dict(task=cell.env_id, method=cell.method, seed=cell.seed, final_success=number("final_success"),
+                best_success=number("best_success"), best_periodic=best_periodic, **settings(args, cell.env_id),
+                wall_s=round(number("wall_time_s"), 1), train_sps=round(sps, 1),
+                returncode=0 if finished else r.get("returncode", ""), run_dir=r["run_dir"],
                 command=shlex.join([os.path.relpath(cmd[1], ROOT), *cmd[2:]]))  # the script relative to the repo
 
 
@@ -226,44 +228,40 @@ def report(rows, results_dir):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, args=sweep.join_flag_values(sys.argv[1:], ("--sbatch-extra",)))
     csv_path = os.path.join(args.results_dir, "quality.csv")
     if args.plot_only:
         if not os.path.exists(csv_path):
-            sys.exit(f"error: {csv_path} does not exist; run the benchmark first")
+            raise common.UserError(f"{csv_path} does not exist; run the benchmark first")
         with open(csv_path) as f:
             report(list(csv.DictReader(f)), args.results_dir)
         sys.exit(0)
-    assert args.dataset_path is None or len(args.tasks) == 1, "--dataset-path belongs to one task: pass one --tasks"
-    # Seed-major order: an interrupted benchmark has every task and method at its first seeds.
-    jobs = [(task, method, seed) for seed in args.seeds for task in args.tasks for method in args.methods]
-    if args.dry_run:
-        print(f"# in {os.path.abspath(args.work_dir)}, {args.jobs} run(s) at a time:")
-        for job in jobs:
-            print(f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} {shlex.join(command(args, *job))}")
+    common.require(args.dataset_path is None or len(args.tasks) == 1,
+                   "--dataset-path belongs to one task: pass one --tasks")
+    grid = cells(args)
+    args.launch.rerun = args.launch.rerun or args.fresh
+    if args.launch.dry_run:
+        sweep.launch_grid(grid, args.launch)
         sys.exit(0)
     if args.dataset_path is None:  # create missing default datasets now, not in several runs at once
-        sys.path.insert(0, ROOT)
-        import common
-
         for task in args.tasks:
             common.load_dataset(task)
     os.makedirs(args.results_dir, exist_ok=True)
-    rows, others = [], []  # finished runs of this benchmark kept from an earlier sitting; rows of other runs
+    others = []  # rows of the runs that are not this call's: written back and summarised as they are
     if os.path.exists(csv_path) and not args.fresh:
+        keys = {(c.env_id, c.method, c.seed) for c in grid}
         with open(csv_path) as f:
-            for r in csv.DictReader(f):
-                if (r["task"], r["method"], int(r["seed"])) not in jobs:
-                    others.append(r)  # another call's run: written back and summarised as it is
-                elif r.get("returncode") == "0" and all(r.get(k) == str(v) for k, v in settings(args, r["task"]).items()):
-                    rows.append(r)  # finished with these settings: kept, not run again (else it is run again)
-        done = {(r["task"], r["method"], int(r["seed"])) for r in rows}
-        jobs = [job for job in jobs if job not in done]
-        print(f"resuming: {len(rows)} finished run(s) kept from {csv_path}, {len(jobs)} to run (--fresh: run all)")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for i, row in enumerate(pool.map(lambda job: run_one(args, *job), jobs)):
-            rows.append(row)
-            write_csv(others + rows, csv_path)  # after every run: an interrupted benchmark keeps what it finished
-            print(f"[{i + 1}/{len(jobs)}] {row['task']} {row['method']} seed {row['seed']}: "
-                  f"final {row['final_success']}, best {row['best_success']} ({row['wall_s']:.0f} s)", flush=True)
+            others = [r for r in csv.DictReader(f) if (r["task"], r["method"], int(r["seed"])) not in keys]
+        done = sum(sweep.find_run(os.path.abspath(args.launch.work_dir), c)[0] == "finished" for c in grid)
+        print(f"resuming: {done} finished run(s) kept (their run dirs hold results.json), {len(grid) - done} to run "
+              f"(--fresh: run all)", flush=True)
+    collected = sweep.launch_grid(grid, args.launch)
+    if collected is None:  # submitted to Slurm without --wait
+        print("when the jobs have ended, run the same command again: it keeps the finished runs and writes the table")
+        sys.exit(0)
+    rows = [row_of(args, c, r) for c, r in zip(grid, collected)]
+    write_csv(others + rows, csv_path)
+    for r in rows:
+        if r["returncode"] != 0:
+            print(f"not finished ({r['returncode']}): {r['command']}", flush=True)
     report(others + rows, args.results_dir)  # the whole CSV, as --plot-only

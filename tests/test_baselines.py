@@ -161,7 +161,7 @@ def test_smoke_run_and_reload(tmp_path, robomimic_lift_file):
     assert policy.act(obs[0]).shape == (4, 7)
     ddim = common.load_policy(path, sampler="ddim", inference_steps=2)  # another sampler, the same weights
     assert ddim.noise_shape == (4, 7) and ddim.act(obs, z[:, 0]).shape == (3, 4, 7)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 30 and ckpt["policy_module"] == "baselines.diffusion_bc" and ckpt["env_id"] == "lift"
     # --resume rebuilds Args from the checkpoint (the rest of the resume path is dbp_bc.py's, tested in test_dbp.py).
     args = dbc.Args(**ckpt["args"])

@@ -1,4 +1,4 @@
-"""The drifting loss against its mathematical properties (METHOD.md A.2, A.6) and a slow reference."""
+"""The drifting loss against its mathematical properties (docs/method.md) and a slow reference."""
 
 import inspect
 import math
@@ -11,7 +11,7 @@ from dbp_bc import drift_loss
 
 
 def reference_drift(gen, pos, temperatures, neg=None):
-    """METHOD.md A.2 written out with loops in float64: returns (target - x) = V in rescaled coordinates,
+    """The estimator of docs/method.md written out with loops in float64: returns (target - x) = V in rescaled coordinates,
     the coordinate scale and the per-temperature force magnitudes."""
     gen, pos = gen.astype(np.float64), pos.astype(np.float64)
     B, G, S = gen.shape

@@ -80,18 +80,22 @@ def assert_same_scalars(a, b):
         assert a[tag] == b[tag], f"{tag} differs after the resume"
 
 
-def test_dbp_killed_mid_run_resumes_bit_for_bit(tmp_path, robomimic_lift_file):
-    args = [*TINY_DBP, "--dataset-path", robomimic_lift_file]
+@pytest.mark.parametrize("script,ckpt_name,extra", [
+    ("dbp_bc.py", "dbp.pt", []),
+    ("baselines/diffusion_bc.py", "diffusion.pt", ["--sampler", "ddim", "--inference-steps", "2"])])
+def test_killed_mid_run_resumes_bit_for_bit(tmp_path, robomimic_lift_file, script, ckpt_name, extra):
+    args = [*TINY_DBP, "--dataset-path", robomimic_lift_file, *extra]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run_script("dbp_bc.py", args, tmp_path / "a")
-    status, out = kill_at("dbp_bc.py", args, tmp_path / "b", lambda line: "step 40/" in line)
+    run_script(script, args, tmp_path / "a")
+    status, out = kill_at(script, args, tmp_path / "b", lambda line: "step 40/" in line)
     assert status == common.Checkpointing.PREEMPTED, out
     run_b = one_run_dir(tmp_path / "b")
-    stopped = torch.load(os.path.join(run_b, "dbp.pt"), weights_only=True)
+    stopped = torch.load(os.path.join(run_b, ckpt_name), weights_only=True)
     assert 40 <= stopped["step"] < 60 and not os.path.exists(os.path.join(run_b, "results.json"))
-    run_script("dbp_bc.py", ["--resume", os.path.join(run_b, "dbp.pt")], tmp_path / "b")
-    a = torch.load(os.path.join(one_run_dir(tmp_path / "a"), "dbp.pt"), weights_only=True)
-    b = torch.load(os.path.join(run_b, "dbp.pt"), weights_only=True)
+    run_script(script, ["--resume", os.path.join(run_b, ckpt_name)], tmp_path / "b")
+    assert os.path.exists(os.path.join(run_b, "results.json"))
+    a = torch.load(os.path.join(one_run_dir(tmp_path / "a"), ckpt_name), weights_only=True)
+    b = torch.load(os.path.join(run_b, ckpt_name), weights_only=True)
     assert a["step"] == b["step"] == 60
     assert_same_state(a, b, ["model", "ema_model", "optimizer"])
     assert_same_scalars(scalars(one_run_dir(tmp_path / "a")), scalars(run_b))
