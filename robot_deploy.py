@@ -1,25 +1,36 @@
-"""Deploy a trained drifting policy in a fixed-rate control loop: a simulated robot, or a policy server.
+"""Deploy a trained drifting policy: a fixed-rate control loop on a simulated robot, or a policy server for a real one.
 
     python robot_deploy.py                               # no checkpoint: trains a tiny lift DBP policy first, then sim
     python robot_deploy.py --checkpoint runs/lift__dbp_bc__1__1700000000/dbp.pt     # lift in sim at 20 Hz, ONNX
     python robot_deploy.py --checkpoint dbp.pt --backend torchscript --execution ensemble --hz 50
-    python robot_deploy.py --checkpoint dfp.pt --robot server --port 5555 --safe-action 0 0 0 0 0
-    python examples/robot_client.py --endpoint tcp://127.0.0.1:5555 --env-id lift  # a robot process for the server
+    export DRIFT_POLICY_TOKEN=$(openssl rand -hex 16)            # a shared secret for both sides (optional on loopback)
+    python robot_deploy.py --checkpoint dbp.pt --robot server --port 8000 --safe-action 0 0 0 0 0 0 0
+    python examples/robot_client.py --port 8000 --env-id lift      # a robot process (openpi-client) for the server
 
 Any checkpoint loads through common.load_policy: forward(obs [B, To, Do], z [B, *noise_shape]) -> the actions
 from the current step on [B, T, Da] in [-1, 1] (T = H - To + 1 >= Ta for DBP), normalisation inside. The noise
 z is an explicit input (sampled here with numpy), so each backend is checked at start-up against eager PyTorch
 on the same observation and z. One network call per chunk (DFP: N' actor samples and the critic, one pass).
+Shapes: B batch, To observation steps, Do observation dim, T chunk length, Ta executed actions, Da action dim.
 
-Design notes (threads, watchdog, temporal ensembling, timing definitions, the server protocol) and measured
-latencies: docs/robot_deploy.md. In short: inference runs on one thread in a worker thread; if no chunk is
-ready --inference-timeout-ms after the observation, the safe action goes out and the late chunk is dropped.
-Server: ZeroMQ REQ/REP, msgpack; {"obs": [Do] array, "reset": bool} -> {"action": [Da] array, "inferred",
-"watchdog"}; {"info": true} -> the policy's dimensions.
+Server (--robot server): openpi's websocket policy protocol, so openpi's `WebsocketClientPolicy` connects as it is.
+On connect one binary frame, the msgpack metadata dict; then lockstep: msgpack {"observation/state": [Do] or
+[To, Do] array, "reset": bool, "seed": int} -> {"actions": [T, Da], "server_timing", "policy_timing", ...}; a bad
+request gets its reason as a text frame and close code 1011. Every connection is a session of its own.
+Safety: every failure path (inference late, raising, non-finite) sends the safe action, zero motion by default.
+Protocol, key mapping, tokens, sessions, safety and measured latencies: docs/robot_deploy.md.
 """
 
+import asyncio
+import dataclasses
 import glob
+import hashlib
+import hmac
+import ipaddress
+import itertools
 import json
+import logging
+import math
 import os
 import queue
 import signal
@@ -34,13 +45,9 @@ from typing import Literal, Optional
 
 import msgpack
 import numpy as np
-import torch
 import tyro
-import zmq
 
-import common
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+import common  # numpy and gymnasium: torch loads after the arguments are parsed
 
 
 @dataclass
@@ -48,7 +55,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (and of every server session's noise generator)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
@@ -67,30 +74,36 @@ class Args:
     # Algorithm specific arguments
     checkpoint: Optional[str] = None
     """checkpoint of any training script (dbp.pt, dfp.pt, ...); none: train a tiny lift DBP policy first"""
+    trust_checkpoint: bool = False
+    """load a checkpoint that is not weights-only (it may run code: only a file from a source you trust)"""
     env_id: Optional[str] = None
     """env of --robot sim (default: the checkpoint's); a checkpoint trained on another env is refused"""
     robot: Literal["sim", "server"] = "sim"
-    """sim: drive a common.make_env env at --hz; server: answer a robot's control process over ZeroMQ"""
+    """sim: drive a common.make_env env at --hz; server: answer robots over websockets (openpi's protocol)"""
     backend: Literal["eager", "torchscript", "compile", "onnx"] = "onnx"
     """inference backend, checked against eager PyTorch at start-up (same observation and z)"""
     execution: Literal["receding", "ensemble"] = "receding"
-    """receding: execute Ta actions of each chunk, then re-plan; ensemble: ACT temporal ensembling (docs/robot_deploy.md)"""
+    """sim: receding executes Ta actions of each chunk, then re-plans; ensemble: ACT temporal ensembling"""
     ensemble_decay: float = 0.01
     """ACT's m: chunk i (0 = the oldest) overlapping the current tick gets weight exp(-m * i)"""
     hz: float = 20.0
-    """control rate (the sims' native rate is 20 Hz); the server's watchdog timeout follows it"""
+    """control rate (the sims' native rate is 20 Hz); the watchdog's default timeout follows it"""
     inference_timeout_ms: float = 0.0
     """watchdog: the longest wait for a new chunk after an observation (0: half a control period)"""
     inference_thread: bool = True
-    """watchdog in time: inference in a worker thread (--no-inference-thread: inline, no hand-off, docs/robot_deploy.md)"""
+    """watchdog in time: inference in a worker thread (--no-inference-thread: inline, no hand-off)"""
     safe_action: Optional[tuple[float, ...]] = None
-    """action sent when the watchdog fires (none: hold the last action, which keeps a delta controller moving)"""
+    """action sent on every failure path (late, raising or non-finite inference); none: zero motion (delta control)"""
+    hold_dims: tuple[int, ...] = ()
+    """action dims the safe action holds at their last value instead (e.g. an absolute gripper command)"""
     max_action: float = 1.0
     """actions are clipped to [-max_action, max_action] (and to the env's limits in sim)"""
+    max_consecutive_failures: int = 5
+    """stop after this many failed inference calls in a row, the safe action sent (server: that session); 0: never"""
     num_episodes: int = 2
     """sim: episodes to run"""
     max_ticks: int = 0
-    """stop after this many control ticks (sim) or requests (server); 0: no limit"""
+    """stop after this many control ticks (sim) or requests (server, all sessions); 0: no limit"""
     warmup_ticks: int = 20
     """first ticks / requests left out of the statistics"""
     busy_wait_us: float = 1000.0
@@ -101,11 +114,71 @@ class Args:
     parity_tol: float = 1e-5
     """largest action difference accepted between the backend and eager PyTorch"""
     host: str = "127.0.0.1"
-    """server: address to bind (loopback only by default)"""
-    port: int = 5555
-    """server: TCP port (0: any free port)"""
-    max_msg_bytes: int = 65536
-    """server: larger requests get an error reply (ZeroMQ drops peers sending 16x more)"""
+    """server: address to bind (loopback by default; any other needs a token, or --insecure)"""
+    port: int = 8000
+    """server: TCP port (0: any free port; 8000 is openpi's default)"""
+    token: Optional[str] = None
+    """server: shared secret, sent by clients as `Authorization: Api-Key <token>` (default: $DRIFT_POLICY_TOKEN)"""
+    insecure: bool = False
+    """server: allow a non-loopback --host without a token (anyone who reaches the port steers the robot)"""
+    max_message_mb: float = 8.0
+    """server: larger messages close the connection (code 1009); 0: no cap, as openpi"""
+    max_sessions: int = 16
+    """server: connections beyond this many are refused (HTTP 503)"""
+
+
+TOKEN_ENV = "DRIFT_POLICY_TOKEN"
+
+
+def check_args(args):
+    """Start-up checks that need no checkpoint; each failure is one clear line (common.UserError)."""
+    common.require(args.hz > 0 and args.inference_timeout_ms >= 0, "--hz must be > 0 and --inference-timeout-ms >= 0")
+    common.require(math.isfinite(args.max_action) and args.max_action > 0,
+                   f"--max-action must be a finite number > 0, not {args.max_action}")
+    common.require(args.max_consecutive_failures >= 0 and args.max_message_mb >= 0 and args.max_sessions >= 1,
+                   "--max-consecutive-failures and --max-message-mb must be >= 0, --max-sessions >= 1")
+    common.require(args.safe_action is None or all(math.isfinite(v) and abs(v) <= args.max_action
+                                                   for v in args.safe_action),
+                   f"--safe-action must be finite and within +-{args.max_action:g} (--max-action), not "
+                   f"{list(args.safe_action or ())}")
+    if args.robot == "server":
+        token = args.token or os.environ.get(TOKEN_ENV)
+        common.require(token is None or (len(token) >= 8 and token.isascii() and token.isprintable()
+                                         and " " not in token),
+                       "the token must be at least 8 printable ASCII characters without spaces")
+        common.require(token is not None or args.insecure or is_loopback(args.host),
+                       f"--host {args.host} is reachable from other machines, and without a token anyone who reaches "
+                       f"it steers the robot: set {TOKEN_ENV} (or --token), or pass --insecure")
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)  # --help, mistyped flags and bad values answer before torch loads
+    check_args(args)
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+log = logging.getLogger("robot_deploy")
+
+
+def safe_action(args, action_dim):
+    """The safe action [Da]: --safe-action, or zero motion (every env here takes delta / relative actions: zero holds
+    the arm's pose and the gripper's opening). Dims in --hold-dims repeat their last sent value instead."""
+    safe = np.zeros(action_dim, np.float32) if args.safe_action is None else np.float32(args.safe_action)
+    common.require(safe.shape == (action_dim,), f"--safe-action has {safe.size} values, the actions {action_dim}")
+    common.require(np.isfinite(safe).all() and (np.abs(safe) <= args.max_action).all(),
+                   f"--safe-action must be finite and within +-{args.max_action:g} (--max-action), not {safe.tolist()}")
+    common.require(all(0 <= i < action_dim for i in args.hold_dims), f"--hold-dims must be in 0..{action_dim - 1}")
+    return safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +248,7 @@ def check_parity(policy, infer, tol, n=4, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: chunk execution (which action goes out at each tick) and the watchdog
+# ALGO LOGIC: chunk execution (which action goes out at each tick), the watchdog and the safe action
 # ----------------------------------------------------------------------------------------------
 class ChunkExecutor:
     """Chunks hold the actions from the current step on (forward's contract; T >= Ta rows).
@@ -207,8 +280,9 @@ class ChunkExecutor:
 
 
 class InferenceWorker:
-    """Runs inference in a thread, so the control loop can stop waiting for it (the watchdog). threaded=False:
-    inline, without the hand-off; a late chunk is still replaced by the safe action, but that goes out late."""
+    """Runs inference in a thread, so the caller can stop waiting for it (the watchdog). threaded=False: inline,
+    without the hand-off; a late chunk is still replaced by the safe action, but that goes out late. One worker
+    serves every session of a server (one network call at a time; a late call makes the next ones wait for it)."""
 
     def __init__(self, infer, warmup_inputs=(), threaded=True):
         self.infer, self.requests, self.done, self.threaded = infer, queue.SimpleQueue(), threading.Event(), threaded
@@ -250,22 +324,25 @@ class InferenceWorker:
         self.requests.put(None)  # ends the worker thread (if any)
 
 
-class Controller:
-    """One control tick: observation -> safe action. The observation history, the chunk executor, inference
-    under the watchdog, and the action limits. Shared by the sim loop and the policy server."""
+def make_worker(policy, infer, threaded=True):
+    return InferenceWorker(infer, [example_inputs(policy, 1, np.random.default_rng(i)) for i in range(20)], threaded)
 
-    def __init__(self, policy, infer, args, low, high):
-        self.n_obs_steps, self.noise_shape = policy.n_obs_steps, policy.noise_shape
+
+class Controller:
+    """One robot's state (a server: one session's): the observation history, the noise generator, the chunk
+    executor, the failure counts and the action limits. plan() is one network call under the watchdog; every
+    failure path returns the safe chunk. step() is one control tick of the sim loop."""
+
+    def __init__(self, policy, worker, args, low, high):
+        self.n_obs_steps, self.noise_shape, self.ta = policy.n_obs_steps, policy.noise_shape, policy.n_action_steps
+        self.chunk_length = policy.horizon - policy.n_obs_steps + 1  # forward's contract: from the current step on
+        self.worker, self.rng = worker, np.random.default_rng(args.seed)
         self.executor = ChunkExecutor(policy.n_action_steps, args.execution, args.ensemble_decay)
-        warmup = [example_inputs(policy, 1, np.random.default_rng(i)) for i in range(20)]
-        self.worker = InferenceWorker(infer, warmup, args.inference_thread)
-        self.rng = np.random.default_rng(args.seed)
         self.low, self.high = np.maximum(low, -args.max_action), np.minimum(high, args.max_action)
         self.timeout = args.inference_timeout_ms / 1e3 or 0.5 / args.hz
-        if args.safe_action is not None and len(args.safe_action) != policy.action_dim:
-            raise common.UserError(f"--safe-action has {len(args.safe_action)} values, the actions {policy.action_dim}")
-        self.safe = None if args.safe_action is None else np.clip(np.float32(args.safe_action), self.low, self.high)
-        self.last = np.clip(np.zeros(policy.action_dim, np.float32), self.low, self.high)
+        self.safe = np.minimum(np.maximum(safe_action(args, policy.action_dim), self.low), self.high)
+        self.hold, self.max_failures = list(args.hold_dims), args.max_consecutive_failures
+        self.last, self.failures, self.consecutive_failures = self.safe.copy(), 0, 0
         self.reset()
 
     def reset(self):
@@ -273,23 +350,53 @@ class Controller:
         self.history = None
         self.executor.reset()
 
-    def step(self, obs, t_obs):
-        """obs [Do] received at time t_obs -> (action [Da], a chunk was inferred, the watchdog fired)."""
-        if self.history is None:  # the first observation of an episode fills the whole history
+    def observe(self, obs):
+        """obs [Do]: appended to the history (the first of an episode fills it); [To, Do]: the whole history."""
+        if obs.ndim == 2:
+            self.history = obs
+            return
+        if self.history is None:
             self.history = np.repeat(obs[None], self.n_obs_steps, 0)
         self.history = np.concatenate([self.history[1:], obs[None]])  # a new array: a late call may still read the old
-        inferred = watchdog = False
-        if self.executor.needs_chunk():
-            z = self.rng.standard_normal((1, *self.noise_shape), dtype=np.float32)
+
+    def safe_action(self):
+        action = self.safe.copy()
+        action[self.hold] = self.last[self.hold]
+        return action
+
+    def plan(self, t_obs):
+        """The chunk [T, Da] for the history, clipped, and its status: "ok"; "late" (the watchdog fired); "failed"
+        (inference raised or returned non-finite values; logged and counted). Not ok: the safe action, T times."""
+        z = self.rng.standard_normal((1, *self.noise_shape), dtype=np.float32)
+        try:
             chunk = self.worker(self.history[None], z, t_obs + self.timeout - time.perf_counter())
-            inferred, watchdog = chunk is not None, chunk is None
-            if inferred:
-                self.executor.add(chunk[0])
+            if chunk is not None and not np.isfinite(chunk).all():
+                raise FloatingPointError("the policy returned non-finite actions")
+        except Exception as e:
+            self.failures, self.consecutive_failures = self.failures + 1, self.consecutive_failures + 1
+            log.warning(f"inference failed ({type(e).__name__}: {e}); the safe action goes out "
+                        f"({self.consecutive_failures} in a row, {self.failures} in all)")
+            return np.tile(self.safe_action(), (self.chunk_length, 1)), "failed"
+        if chunk is None:
+            return np.tile(self.safe_action(), (self.chunk_length, 1)), "late"
+        self.consecutive_failures = 0
+        return np.minimum(np.maximum(chunk[0], self.low), self.high).astype(np.float32), "ok"
+
+    def should_stop(self):
+        return 0 < self.max_failures <= self.consecutive_failures
+
+    def step(self, obs, t_obs):
+        """obs [Do] received at time t_obs -> (action [Da], a chunk was inferred, the safe action went out)."""
+        self.observe(obs)
+        status = None
+        if self.executor.needs_chunk():
+            chunk, status = self.plan(t_obs)
+            if status == "ok":
+                self.executor.add(chunk)
         action = self.executor.next()
-        if watchdog or action is None or not np.isfinite(action).all():
-            action, watchdog = self.last if self.safe is None else self.safe, True
-        self.last = np.minimum(np.maximum(action, self.low), self.high).astype(np.float32)  # = np.clip, faster
-        return self.last, inferred, watchdog
+        safe = status in ("late", "failed") or action is None
+        self.last = self.safe_action() if safe else action.astype(np.float32)  # (within the limits: clipped chunks)
+        return self.last, status == "ok", safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,45 +443,51 @@ def rt_throttling_warning(hz, busy_wait_s, proc="/proc/sys/kernel"):
 
 
 class LoopStats:
-    """Per-tick records after warm-up: latency (observation -> action), chunk inferred, watchdog fired, jitter,
-    deadline missed, ticks skipped before this one. A server has no ticks: its jitter is nan, its misses 0."""
+    """Per-tick records after warm-up: latency (observation -> action), chunk inferred, safe action sent, jitter,
+    deadline missed, ticks skipped before this one. A server has no ticks: its jitter is nan, its misses 0. The
+    percentiles cover the last `window` ticks, in a buffer allocated once (a server runs for days); counts cover all."""
 
-    def __init__(self, warmup):
-        self.warmup, self.seen, self.rows = warmup, 0, []
+    def __init__(self, warmup, window=1 << 16):
+        self.warmup, self.seen, self.n = warmup, 0, 0
+        self.rows, self.counts = np.full((window, 6), np.nan), np.zeros(6, np.int64)  # counts: columns 1, 2, 4, 5
 
     def add(self, latency, inferred, watchdog, jitter=float("nan"), miss=False, skipped=0):
         self.seen += 1
         if self.seen > self.warmup:
-            self.rows.append((latency, inferred, watchdog, jitter, miss, skipped))
+            self.rows[self.n % len(self.rows)] = latency, inferred, watchdog, jitter, miss, skipped
+            self.counts += (0, inferred, watchdog, 0, miss, skipped)
+            self.n += 1
 
     def summary(self):
-        r = np.array(self.rows, np.float64).reshape(-1, 6)
+        r = self.rows[:min(self.n, len(self.rows))]
         pct = lambda x, name: {f"{name}_{k}_ms": float(np.percentile(x, q)) * 1e3 if len(x) else float("nan")
                                for k, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))}
-        misses = int(r[:, 4].sum() + r[:, 5].sum())
-        return {"ticks": len(r), "warmup_ticks": min(self.seen, self.warmup), **pct(r[:, 0], "latency"),
+        misses = int(self.counts[4] + self.counts[5])
+        return {"ticks": self.n, "warmup_ticks": min(self.seen, self.warmup), **pct(r[:, 0], "latency"),
                 **pct(r[r[:, 1] > 0, 0], "chunk_latency"), **pct(r[~np.isnan(r[:, 3]), 3], "jitter"),
-                "chunks": int(r[:, 1].sum()), "watchdog_ticks": int(r[:, 2].sum()), "deadline_misses": misses,
-                "deadline_miss_pct": 100.0 * misses / max(len(r) + r[:, 5].sum(), 1)}
+                "chunks": int(self.counts[1]), "watchdog_ticks": int(self.counts[2]),
+                "skipped_ticks": int(self.counts[5]), "deadline_misses": misses,
+                "deadline_miss_pct": 100.0 * misses / max(self.n + self.counts[5], 1)}
 
     def report(self, s):
         def line(name, k):
-            return f"  {name:<30}" + "  ".join(f"{q} {s[f'{k}_{q}_ms']:.3f}" for q in ("p50", "p95", "p99", "max"))
+            return f"  {name:<32}" + "  ".join(f"{q} {s[f'{k}_{q}_ms']:.3f}" for q in ("p50", "p95", "p99", "max"))
 
         lines = [line("observation -> action (ms)", "latency"), line(f"  ticks with a new chunk ({s['chunks']})",
                                                                       "chunk_latency")]
         if np.isfinite(s["jitter_p50_ms"]):  # a server has no ticks: the robot's client measures its deadlines
             lines += [line("jitter (late wake-up)", "jitter"), f"  deadline misses {s['deadline_misses']} "
                       f"({s['deadline_miss_pct']:.2f}%, skipped ticks included)"]
-        return "\n".join(lines + [f"  watchdog fired on {s['watchdog_ticks']} of {s['ticks']} ticks "
+        return "\n".join(lines + [f"  safe action sent on {s['watchdog_ticks']} of {s['ticks']} ticks "
                                   f"({s['warmup_ticks']} warm-up ticks left out)"])
 
 
 class SimRobot:
     """--robot sim: a common.make_env env stands in for the robot (evaluation seeds, one per episode)."""
 
-    def __init__(self, env_id, seed, num_episodes):
-        self.env, self.seed, self.num_episodes, self.successes = common.make_env(env_id, seed), seed, num_episodes, []
+    def __init__(self, env_id, seed, num_episodes, max_episode_steps=None):
+        self.env, self.seed = common.make_env(env_id, seed, max_episode_steps), seed
+        self.num_episodes, self.successes = num_episodes, []
         self.reset()
 
     def reset(self):
@@ -391,7 +504,8 @@ class SimRobot:
 
 
 def run_loop(robot, controller, hz, stats, stop, max_ticks=0, busy_wait_s=1e-3):
-    """The control loop. Episode resets happen outside the timed ticks (a real robot pauses there too)."""
+    """The control loop; it stops early after --max-consecutive-failures (the safe action applied). Episode resets
+    happen outside the timed ticks (a real robot pauses there too)."""
     scheduler, tick = RateScheduler(hz, busy_wait_s), 0
     while not stop.is_set() and len(robot.successes) < robot.num_episodes and not (max_ticks and tick >= max_ticks):
         skipped = scheduler.skipped
@@ -403,74 +517,201 @@ def run_loop(robot, controller, hz, stats, stop, max_ticks=0, busy_wait_s=1e-3):
         stats.add(t_action - t_obs, inferred, watchdog, t_obs - t_tick, t_action > t_tick + scheduler.period,
                   scheduler.skipped - skipped)
         tick += 1
+        if controller.should_stop():
+            log.error(f"stopping: inference failed {controller.consecutive_failures} times in a row")
+            break
         if done and len(robot.successes) < robot.num_episodes:
             robot.reset(), controller.reset(), scheduler.restart()
 
 
 # ----------------------------------------------------------------------------------------------
-# The policy server (protocol in the module docstring)
+# The policy server: openpi's websocket protocol, one session per connection (docs/robot_deploy.md)
 # ----------------------------------------------------------------------------------------------
-def pack_array(x):
-    return {"dtype": "float32", "shape": list(x.shape), "data": np.ascontiguousarray(x, "<f4").tobytes()}
+STATE_KEYS = ("observation/state", "state")  # the flat state vector [Do] (or its history [To, Do])
+UNPACK_LIMITS = dict(max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=1 << 10, max_ext_len=0)
 
 
-def decode_request(msg, obs_dim, max_bytes):
-    """bytes -> ("info", None) or ("obs", (obs [Do], reset)); ValueError with a readable message otherwise."""
-    if len(msg) > max_bytes:
-        raise ValueError(f"request of {len(msg)} bytes is over the limit of {max_bytes} (--max-msg-bytes)")
+class RequestError(ValueError):
+    """The client's mistake: its text goes back to the client, then the connection closes (1011)."""
+
+
+def unpack_numpy(obj):
+    """msgpack object_hook for openpi's msgpack-numpy maps; only numeric dtypes, and shapes that match the data."""
+    if b"__ndarray__" in obj:
+        dtype, shape, data = obj.get(b"dtype"), obj.get(b"shape"), obj.get(b"data")
+        if not (isinstance(dtype, str) and len(dtype) <= 8 and isinstance(data, bytes) and isinstance(shape, list)
+                and len(shape) <= 8 and all(type(n) is int and n >= 0 for n in shape)):
+            raise RequestError("a malformed __ndarray__ map (dtype str, shape list of ints, data bytes)")
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "biuf" or math.prod(shape) * dtype.itemsize != len(data):
+            raise RequestError(f"an __ndarray__ of dtype {dtype.str} shape {shape} with {len(data)} bytes of data")
+        return np.frombuffer(data, dtype).reshape(shape)
+    if b"__npgeneric__" in obj:
+        dtype, value = obj.get(b"dtype"), obj.get(b"data")
+        if not (isinstance(dtype, str) and len(dtype) <= 8 and np.dtype(dtype).kind in "biuf"
+                and isinstance(value, (bool, int, float))):
+            raise RequestError("a malformed __npgeneric__ map")
+        return value
+    return obj
+
+
+def pack_numpy(obj):
+    if isinstance(obj, np.ndarray):
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str, b"shape": list(obj.shape)}
+    raise TypeError(f"cannot pack {type(obj).__name__}")
+
+
+def parse_request(msg, obs_dim, n_obs_steps):
+    """A request frame -> (obs [Do] or [To, Do] float32, reset, seed or None); RequestError with the reason."""
+    if not isinstance(msg, bytes):
+        raise RequestError("expected a binary frame of msgpack, got a text frame")
     try:
-        req = msgpack.unpackb(msg)
-    except Exception as e:
-        raise ValueError(f"not a msgpack message ({type(e).__name__})") from None
-    if isinstance(req, dict) and req.get("info") is True:
-        return "info", None
-    o = req.get("obs") if isinstance(req, dict) else None
-    if not isinstance(o, dict):
-        raise ValueError("expected a map {'obs': {'dtype': 'float32', 'shape': [Do], 'data': bytes}, 'reset': bool}")
-    if o.get("dtype") != "float32" or o.get("shape") != [obs_dim]:
-        raise ValueError(f"obs must be dtype 'float32' shape [{obs_dim}], not {o.get('dtype')!r} {o.get('shape')!r}")
-    if not isinstance(o.get("data"), bytes) or len(o["data"]) != 4 * obs_dim:
-        raise ValueError(f"obs data must be {4 * obs_dim} bytes (little-endian float32)")
-    obs = np.frombuffer(o["data"], "<f4").astype(np.float32)
+        req = msgpack.unpackb(msg, object_hook=unpack_numpy, **UNPACK_LIMITS)
+    except RequestError:
+        raise
+    except Exception as e:  # its type only: the message may quote client bytes
+        raise RequestError(f"not a msgpack-numpy message ({type(e).__name__})") from None
+    keys = [k for k in STATE_KEYS if isinstance(req, dict) and k in req]
+    if len(keys) != 1:
+        got = sorted(str(k)[:40] for k in req)[:8] if isinstance(req, dict) else type(req).__name__
+        raise RequestError(f"expected a map with the state vector under one of {list(STATE_KEYS)}, got {got}")
+    x = req[keys[0]]
+    if isinstance(x, list) and len(x) in (obs_dim, n_obs_steps) and all(type(v) is not list or len(v) == obs_dim
+                                                                       for v in x):
+        x = np.asarray(x)  # a plain list of numbers (or of To rows): at most To * Do of them
+    if not (isinstance(x, np.ndarray) and x.dtype.kind in "iuf" and x.shape in ((obs_dim,), (n_obs_steps, obs_dim))):
+        what = f"dtype {x.dtype.str} shape {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise RequestError(f"{keys[0]!r} must be a number array of shape [{obs_dim}] or [{n_obs_steps}, {obs_dim}], "
+                           f"not {what}")
+    with np.errstate(over="ignore"):
+        obs = x.astype(np.float32)
     if not np.isfinite(obs).all():
-        raise ValueError(f"obs has non-finite values at indices {np.flatnonzero(~np.isfinite(obs)).tolist()}")
-    return "obs", (obs, bool(req.get("reset", False)))
+        raise RequestError(f"{keys[0]!r} has non-finite values (in float32) at indices "
+                           f"{np.flatnonzero(~np.isfinite(obs))[:8].tolist()}")
+    reset, seed = req.get("reset", False), req.get("seed")
+    if not isinstance(reset, bool):
+        raise RequestError("'reset' must be true or false")
+    if seed is not None and not (type(seed) is int and 0 <= seed < 1 << 64):
+        raise RequestError("'seed' must be an integer in [0, 2**64)")
+    return obs, reset, seed
 
 
-def bind_server(host, port, max_bytes):
-    """A ZeroMQ REP socket bound to host:port (port 0: any free port). Returns (context, socket, endpoint)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, 16 * max_bytes)  # bounds memory: bigger messages drop the peer, no reply
-    port = sock.bind_to_random_port(f"tcp://{host}") if port == 0 else (sock.bind(f"tcp://{host}:{port}"), port)[1]
-    return ctx, sock, f"tcp://{host}:{port}"
+def checkpoint_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def serve(sock, policy, controller, stats, stop, max_bytes, max_requests=0):
-    """Answer requests until stop is set (polling every 0.1 s) or after max_requests. Bad requests get {"error"}."""
-    spec = {k: getattr(policy, k) for k in ("obs_dim", "action_dim", "n_obs_steps", "horizon", "n_action_steps")}
-    n = 0
-    while not stop.is_set() and not (max_requests and n >= max_requests):
-        if not sock.poll(100):
-            continue
-        msg, n = sock.recv(), n + 1
-        t_obs = time.perf_counter()
+def server_metadata(policy, ckpt, args, safe):
+    """The first frame of every connection (plain msgpack types only)."""
+    return {"server": "robot_deploy", "env_id": ckpt["env_id"], "algorithm": ckpt["policy_module"],
+            "policy": type(policy).__name__, "obs_dim": policy.obs_dim, "action_dim": policy.action_dim,
+            "n_obs_steps": policy.n_obs_steps, "horizon": policy.horizon, "n_action_steps": policy.n_action_steps,
+            "chunk_length": policy.horizon - policy.n_obs_steps + 1, "noise_shape": list(policy.noise_shape),
+            "control_hz": args.hz, "state_keys": list(STATE_KEYS), "max_action": args.max_action,
+            "safe_action": safe.tolist(), "hold_dims": list(args.hold_dims), "backend": args.backend,
+            "checkpoint": os.path.basename(args.checkpoint), "checkpoint_sha256": checkpoint_sha256(args.checkpoint)}
+
+
+class PolicyServer:
+    """The websocket server. Requests are answered on the event loop's thread, one at a time (the network call
+    under the watchdog blocks it for at most --inference-timeout-ms), so a session never sees another's state."""
+
+    def __init__(self, policy, worker, args, metadata, token, stats):
+        self.policy, self.worker, self.args, self.stats = policy, worker, args, stats
+        self.metadata = msgpack.packb(metadata)
+        self.auth = None if token is None else f"Api-Key {token}".encode()
+        self.sessions, self.ids, self.failures, self.stop = set(), itertools.count(1), 0, None
+
+    def process_request(self, connection, request):
+        """Before the websocket handshake: GET /healthz, the token (constant-time compare), the session cap."""
+        if request.path.split("?")[0] == "/healthz":
+            return connection.respond(200, "OK\n")
+        given = request.headers.get_all("Authorization")
+        if self.auth is not None and not (len(given) == 1 and hmac.compare_digest(given[0].encode(), self.auth)):
+            return connection.respond(401, "a valid 'Authorization: Api-Key <token>' header is required\n")
+        if len(self.sessions) >= self.args.max_sessions:
+            return connection.respond(503, f"{len(self.sessions)} sessions already (--max-sessions)\n")
+        return None
+
+    def answer(self, session, msg, t_obs, prev_total_ms):
+        """One request -> (reply or None, the reason to close the session or None). Never raises."""
         try:
-            kind, payload = decode_request(msg, policy.obs_dim, max_bytes)
-            if kind == "info":
-                reply = spec
-            else:
-                if payload[1]:
-                    controller.reset()
-                action, inferred, watchdog = controller.step(payload[0], t_obs)
-                reply = {"action": pack_array(action), "inferred": inferred, "watchdog": watchdog}
-        except ValueError as e:
-            kind, reply = "error", {"error": str(e)}
-        data = msgpack.packb(reply)
-        if kind == "obs":
-            stats.add(time.perf_counter() - t_obs, inferred, watchdog)
-        sock.send(data)
+            obs, reset, seed = parse_request(msg, self.policy.obs_dim, self.policy.n_obs_steps)
+        except RequestError as e:
+            return None, f"bad request: {e}"
+        except Exception as e:  # a numpy or msgpack error the checks above did not foresee
+            return None, f"bad request ({type(e).__name__})"
+        try:
+            if reset:
+                session.reset()
+            if seed is not None:
+                session.rng = np.random.default_rng(seed)
+            session.observe(obs)
+            t0 = time.perf_counter()
+            chunk, status = session.plan(t_obs)
+            infer_ms = (time.perf_counter() - t0) * 1e3
+            if status == "ok":
+                session.last = chunk[min(session.ta, len(chunk)) - 1]  # the last action a receding client executes
+            self.failures += status == "failed"
+            reply = msgpack.packb({"actions": chunk, "inferred": status == "ok", "status": status,
+                                   "server_timing": {"infer_ms": infer_ms, "prev_total_ms": prev_total_ms},
+                                   "policy_timing": {"infer_ms": infer_ms}}, default=pack_numpy)
+        except Exception:
+            log.exception("internal error while answering a request")  # the traceback stays in the server's log
+            return None, "internal server error (see the server's log)"
+        self.stats.add(time.perf_counter() - t_obs, status == "ok", status != "ok")
+        if self.args.max_ticks and self.stats.seen >= self.args.max_ticks:
+            self.stop.set()
+        stop = session.should_stop() and f"stopping: inference failed {session.consecutive_failures} times in a row"
+        return reply, stop or None
+
+    async def handle(self, ws):
+        from websockets.exceptions import ConnectionClosed
+
+        sid, dim = next(self.ids), self.policy.action_dim
+        session = Controller(self.policy, self.worker, self.args, -np.ones(dim), np.ones(dim))
+        self.sessions.add(sid)
+        log.info(f"session {sid}: {ws.remote_address} connected")
+        reason, prev_total_ms = "client closed", 0.0
+        try:
+            await ws.send(self.metadata)
+            async for msg in ws:
+                t_obs = time.perf_counter()
+                reply, error = self.answer(session, msg, t_obs, prev_total_ms)
+                if reply is not None:
+                    await ws.send(reply)
+                if error is not None:
+                    reason = error
+                    if reply is None:
+                        await ws.send(error)  # a text frame: openpi's client raises it as a RuntimeError
+                    await ws.close(1011, error[:120])
+                    break
+                prev_total_ms = (time.perf_counter() - t_obs) * 1e3
+                await asyncio.sleep(0)  # one request, then the other sessions' turn: a flood cannot starve them
+        except ConnectionClosed as e:
+            reason = f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
+        finally:
+            self.sessions.discard(sid)
+            log.info(f"session {sid}: {reason}")
+
+    async def run(self, host, port):
+        from websockets.asyncio.server import serve
+
+        self.stop, loop = asyncio.Event(), asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        cap = int(self.args.max_message_mb * 2**20) or None
+        try:
+            server = await serve(self.handle, host, port, process_request=self.process_request, compression=None,
+                                 max_size=cap, logger=logging.getLogger("robot_deploy.websockets"))
+        except OSError as e:  # the port is taken, the address is not this machine's, ...
+            raise common.UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+        async with server:
+            print(f"serving on ws://{host}:{server.sockets[0].getsockname()[1]} (Ctrl-C to stop)", flush=True)
+            await self.stop.wait()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,16 +732,18 @@ def tiny_lift_checkpoint():
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    logging.getLogger("robot_deploy.websockets").setLevel(logging.WARNING)  # refused handshakes: not worth a line
     if args.capture_video:
         raise common.UserError("--capture-video is not supported by robot_deploy.py (rendering breaks the real-time "
                                "loop); record videos with the training script's --capture-video")
-    if args.hz <= 0 or args.inference_timeout_ms < 0:
-        raise common.UserError("--hz must be > 0 and --inference-timeout-ms >= 0")
+    token = (args.token or os.environ.get(TOKEN_ENV)) if args.robot == "server" else None
     args.checkpoint = args.checkpoint or tiny_lift_checkpoint()
-    policy = common.load_policy(args.checkpoint, env_id=args.env_id)  # refuses a checkpoint of another env
-    args.env_id = args.env_id or common.load_checkpoint(args.checkpoint)["env_id"]
-    run_name, run_dir, writer = common.make_run(args)
+    ckpt = common.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    policy = common.load_policy(args.checkpoint, env_id=args.env_id, trust=args.trust_checkpoint)  # refuses another env
+    safe = safe_action(args, policy.action_dim)
+    args.env_id = args.env_id or ckpt["env_id"]
+    run_name, run_dir, writer = common.make_run(dataclasses.replace(args, token=token and "<redacted>"))
 
     # TRY NOT TO MODIFY: seeding, 1 inference thread (docs/robot_deploy.md)
     common.set_seed(args.seed, args.torch_deterministic)
@@ -513,42 +756,43 @@ if __name__ == "__main__":
     err = check_parity(policy, infer, args.parity_tol)  # also the first calls (torch.compile compiles here)
     print(f"{args.checkpoint}: {type(policy).__name__} To={policy.n_obs_steps} H={policy.horizon} "
           f"Ta={policy.n_action_steps} Do={policy.obs_dim} Da={policy.action_dim}; backend {args.backend} matches "
-          f"eager within {err:.1e}; {args.execution} execution at {args.hz:g} Hz")
+          f"eager within {err:.1e}; safe action {safe.tolist()}" + (f" holding dims {list(args.hold_dims)}"
+                                                                   if args.hold_dims else ""))
 
     stop, stats = threading.Event(), LoopStats(args.warmup_ticks)
-    if args.robot == "sim" and (message := rt_throttling_warning(args.hz, args.busy_wait_us * 1e-6)):
-        print(message)
-
-    def on_sigint(*_):  # first Ctrl-C: stop cleanly and print the statistics; a second one: stop at once
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_sigint)
+    worker = make_worker(policy, infer, args.inference_thread)
     result = {}
     if args.robot == "sim":
+        if message := rt_throttling_warning(args.hz, args.busy_wait_us * 1e-6):
+            print(message)
+
+        def on_sigint(*_):  # first Ctrl-C: stop cleanly and print the statistics; a second one: stop at once
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_sigint)
         robot = SimRobot(args.env_id, args.seed, args.num_episodes)
-        controller = Controller(policy, infer, args, robot.env.action_space.low, robot.env.action_space.high)
+        controller = Controller(policy, worker, args, robot.env.action_space.low, robot.env.action_space.high)
+        print(f"{args.execution} execution at {args.hz:g} Hz", flush=True)
         try:
             run_loop(robot, controller, args.hz, stats, stop, args.max_ticks, args.busy_wait_us * 1e-6)
         finally:
             robot.env.close()
         result = {"episodes": len(robot.successes), "successes": sum(robot.successes)}
+        failures = controller.failures
     else:
-        controller = Controller(policy, infer, args, -np.ones(policy.action_dim), np.ones(policy.action_dim))
-        ctx, sock, endpoint = bind_server(args.host, args.port, args.max_msg_bytes)
-        print(f"serving on {endpoint} (Ctrl-C to stop)", flush=True)
-        try:
-            serve(sock, policy, controller, stats, stop, args.max_msg_bytes, args.max_ticks)
-        finally:
-            sock.close(), ctx.term()
-    controller.worker.close()
+        server = PolicyServer(policy, worker, args, server_metadata(policy, ckpt, args, safe), token, stats)
+        asyncio.run(server.run(args.host, args.port))
+        failures = server.failures
+    worker.close()
 
     # TRY NOT TO MODIFY: statistics, printed and logged (TensorBoard time/ and runs/{run_name}/deploy_stats.json)
-    summary = {**stats.summary(), **result, "backend": args.backend, "hz": args.hz, "parity_error": err}
+    summary = {**stats.summary(), **result, "inference_failures": failures, "backend": args.backend, "hz": args.hz,
+               "parity_error": err}
     print(f"{args.robot} ({args.backend}, {args.execution}, {args.hz:g} Hz):\n{stats.report(summary)}")
-    if result:
-        print(f"  success in {result['successes']} of {result['episodes']} finished episodes")
+    print(f"  inference failed {failures} times" + (f"; success in {result['successes']} of {result['episodes']} "
+                                                    f"finished episodes" if result else ""))
     summary = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in summary.items()}
     for k, v in summary.items():
         if isinstance(v, (int, float)):

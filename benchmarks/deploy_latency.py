@@ -4,6 +4,7 @@ To = 1, H = Ta = 4). Random weights unless --checkpoint is given: latency does n
     python benchmarks/deploy_latency.py                           # all backends, 60 s at 1 kHz each (~6 min)
     python benchmarks/deploy_latency.py --backends onnx eager --loop-seconds 10
     python benchmarks/deploy_latency.py --backends onnx --no-inference-thread   # inference inline in the loop
+    python benchmarks/deploy_latency.py --backends onnx --calls 1000 --loop-seconds 5 --server-requests 20000  # ~40 s
     sudo chrt -f 50 python benchmarks/deploy_latency.py      # real-time priority (SCHED_FIFO), as a robot would run
     # ... after `sudo sysctl kernel.sched_rt_runtime_us=-1` (RT throttling off; the README's table, scheduler
     # "fifo_unthrottled" in the CSV): else the kernel stops a real-time loop that spins its whole period 50 ms a second
@@ -17,15 +18,17 @@ Per backend, 1 torch / onnxruntime thread, warm-up calls left out, all times on 
               no physics): every tick's observation -> action through the Controller (a new chunk every Ta ticks,
               through the watchdog's worker thread, or inline with --no-inference-thread), wake-up jitter,
               deadline misses and watchdog ticks
-  server      round trip on loopback: `robot_deploy.py --robot server` in its own process, the client of
-              examples/robot_client.py at --loop-hz (all requests, and those that computed a new chunk); the
+  server      round trip on loopback: `robot_deploy.py --robot server` (websockets, openpi's protocol) in its
+              own process, and openpi's WebsocketClientPolicy (examples/robot_client.py) at --loop-hz, one
+              request per tick; every request plans a chunk, so the round trip includes one network call. The
               server's watchdog is set to 50 ms here so that the round trip shows the real inference time
 Writes the table to benchmarks/results/deploy_latency.csv, with the machine's load average and the scheduling
-policy (rows of the same backend, scheduling and --inference-thread are replaced, others kept).
+policy (rows of the same backend, scheduling, --inference-thread and server transport are replaced, others kept).
 """
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,7 +46,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import robot_deploy as rd  # noqa: E402
 from dbp_bc import DriftPolicy  # noqa: E402
-from examples.robot_client import PolicyClient, run  # noqa: E402
+from examples.robot_client import round_trips  # noqa: E402
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Args:
     loop_seconds: float = 60.0
     """duration of the in-process loop per backend"""
     server_requests: int = 5000
-    """timed server requests per backend (after 200 warm-up requests)"""
+    """timed server requests per backend, one per tick at --loop-hz (after 500 warm-up requests)"""
     inference_thread: bool = True
     """loop and server: inference in robot_deploy's watchdog thread (--no-inference-thread: inline)"""
     busy_wait_us: float = 1000.0
@@ -98,27 +101,31 @@ def time_calls(policy, infer, n, rng):
 
 
 def time_server(checkpoint, backend, args, tmp):
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
     cmd = [sys.executable, os.path.join(ROOT, "robot_deploy.py"), "--checkpoint", checkpoint, "--robot", "server",
            "--backend", backend, "--port", "0", "--hz", str(args.loop_hz), "--inference-timeout-ms", "50",
            "--inference-thread" if args.inference_thread else "--no-inference-thread"]
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = os.path.join(tmp, f"server_{backend}.log")
+    with open(log_path, "w") as log:  # a file: a pipe nobody reads would block the server
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:
-        line = ""
-        while not line.startswith("serving on"):
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the server did not start: {proc.communicate()[0]}")
-        client = PolicyClient(line.split()[2], timeout_ms=1000)
-        obs_dim = client.info()["obs_dim"]
-        run(client, args.loop_hz, 200, obs_dim=obs_dim)  # warm-up
-        t, _ = run(client, args.loop_hz, args.server_requests, obs_dim=obs_dim)
-        client.close()
+        while not (m := re.search(r"serving on ws://[^:]+:(\d+)", open(log_path).read())):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server did not start: {open(log_path).read()}")
+            time.sleep(0.1)
+        policy = WebsocketClientPolicy("127.0.0.1", int(m.group(1)))
+        obs_dim = policy.get_server_metadata()["obs_dim"]
+        round_trips(policy, obs_dim, args.loop_hz, 500)  # warm-up
+        rtt, infer = round_trips(policy, obs_dim, args.loop_hz, args.server_requests)
+        policy._ws.close()
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
-    return {"server_rtt_p50_us": pct(t["rtt"])[0], "server_rtt_p99_us": pct(t["rtt"])[2],
-            "server_chunk_rtt_p99_us": pct(t["rtt"][t["inferred"]])[2], "server_miss_pct": 100 * t["missed"].mean(),
-            "server_timeouts": int(t["timeout"].sum()), "server_watchdog": int(t["watchdog"].sum())}
+        proc.wait(timeout=30)
+    period = 1.0 / args.loop_hz
+    return {"server_transport": "websocket", "server_rtt_p50_us": pct(rtt)[0], "server_rtt_p99_us": pct(rtt)[2],
+            "server_rtt_max_us": pct(rtt)[3], "server_infer_p99_us": pct(infer)[2],
+            "server_miss_pct": 100 * float(np.mean(rtt > period))}
 
 
 if __name__ == "__main__":
@@ -155,12 +162,13 @@ if __name__ == "__main__":
                        time_calls(policy, infer, args.calls, np.random.default_rng(0))))
         row.update({"floor_p50_us": floor[0], "floor_p99_us": floor[2]})
         loop_args = rd.Args(hz=args.loop_hz, inference_thread=args.inference_thread)  # watchdog at half a period
-        controller = rd.Controller(policy, infer, loop_args, -np.ones(policy.action_dim), np.ones(policy.action_dim))
+        worker = rd.make_worker(policy, infer, args.inference_thread)
+        controller = rd.Controller(policy, worker, loop_args, -np.ones(policy.action_dim), np.ones(policy.action_dim))
         stats = rd.LoopStats(warmup=int(args.loop_hz))  # the first second is warm-up
         n = int(args.loop_hz * (args.loop_seconds + 1))
         rd.run_loop(StandInRobot(rd.example_inputs(policy, 1, np.random.default_rng(1))[0][0, -1]), controller,
                     args.loop_hz, stats, threading.Event(), max_ticks=n, busy_wait_s=args.busy_wait_us * 1e-6)
-        controller.worker.close()
+        worker.close()
         s = stats.summary()
         row.update({f"loop_{k}_us": 1e3 * s[f"{k}_ms"] for k in ("latency_p50", "latency_p99", "chunk_latency_p50",
                                                                   "chunk_latency_p99", "jitter_p99", "jitter_max")})
@@ -176,22 +184,23 @@ if __name__ == "__main__":
             ("call_max_us", "{:.0f}"), ("floor_p99_us", "{:.0f}"), ("loop_chunk_latency_p99_us", "{:.0f}"),
             ("loop_jitter_p99_us", "{:.0f}"),
             ("loop_miss_pct", "{:.3f}"), ("loop_watchdog_pct", "{:.3f}"), ("server_rtt_p50_us", "{:.0f}"),
-            ("server_rtt_p99_us", "{:.0f}"), ("server_chunk_rtt_p99_us", "{:.0f}"), ("server_miss_pct", "{:.3f}"),
+            ("server_rtt_p99_us", "{:.0f}"), ("server_infer_p99_us", "{:.0f}"), ("server_miss_pct", "{:.3f}"),
             ("load_avg_1min", "{:.2f}")]
     print(f"\nlatencies in us; loop: {args.loop_hz:g} Hz for {args.loop_seconds:g} s; server: {args.server_requests} "
           f"requests at {args.loop_hz:g} Hz; {scheduler} scheduling; inference thread: {args.inference_thread}")
     print(" | ".join(c for c, _ in cols))
     for row in rows:
         print(" | ".join(f.format(row[c]) for c, f in cols))
-    # Rows of the same (backend, scheduler, inference_thread) are replaced; other rows in the file are kept.
-    key = lambda r: (str(r["backend"]), str(r["scheduler"]), str(r["inference_thread"]))
+    # Rows of the same (backend, scheduler, inference_thread, transport) are replaced; other rows are kept.
+    key = lambda r: (str(r["backend"]), str(r["scheduler"]), str(r["inference_thread"]),
+                     r.get("server_transport") or "")
     new_keys = {key(r) for r in rows}
     if os.path.exists(args.out):
         with open(args.out) as f:
             rows = [r for r in csv.DictReader(f) if key(r) not in new_keys] + rows
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # every column
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {args.out}")

@@ -1,27 +1,41 @@
-"""robot_deploy.py: backend parity, chunk execution, watchdog, scheduler, policy server (real client, malformed
-requests, Ctrl-C), and the sim loop with DBP and DFP checkpoints. Loopback only; every loop bounded."""
+"""robot_deploy.py: backend parity, chunk execution, the watchdog and every failure path (safe action, counters,
+stop), zero motion, start-up checks, the request parser, the scheduler, the sim loop, and the policy server with
+the real openpi client: metadata, actions equal to common.load_policy(...).act for the same noise, an
+ActionChunkBroker episode loop on lift against the in-process loop, and the token. The fuzz run and session
+isolation are in tests/test_server_fuzz.py. Loopback only; every loop bounded."""
 
 import glob
+import hashlib
 import json
+import logging
 import os
-import signal
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
+import msgpack
 import numpy as np
 import pytest
 import torch
+from openpi_client import msgpack_numpy
+from openpi_client.action_chunk_broker import ActionChunkBroker
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from websockets.exceptions import InvalidStatus
 
 import common
 import dfp_offline_to_online as dfp
 import robot_deploy as rd
 from dbp_bc import DriftPolicy
-from examples.robot_client import PolicyClient
 from tests.conftest import ROOT
+from tests.test_server_fuzz import start_server
 
 ENV_ID = "cube-double-play-singletask-task2-v0"  # Do = 37, Da = 5; builds in ~1 s
+RD = os.path.join(ROOT, "robot_deploy.py")
+# openpi's client calls websockets' connect() the way websockets 17 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:connect.. must be used as a context manager:DeprecationWarning")
 
 
 def save(path, policy_module, policy_kwargs, **state):
@@ -32,8 +46,8 @@ def save(path, policy_module, policy_kwargs, **state):
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    """Tiny checkpoints with the keys the training scripts save: DBP MLP (To 1, H = Ta = 4), DBP U-Net
-    (To 2, H 8, Ta 4), DFP (best-of-4, H 5)."""
+    """Tiny random-weight checkpoints with the keys the training scripts save: DBP MLP (To 1, H = Ta = 4), DBP
+    U-Net (To 2, H 8, Ta 4), DFP (best-of-4, H 5)."""
     d, rng = tmp_path_factory.mktemp("ckpts"), np.random.default_rng(0)
     torch.manual_seed(0)
     out = {}
@@ -53,6 +67,13 @@ def ckpts(tmp_path_factory):
 def args_for(**kw):
     """Deployment args; a generous watchdog (1 s) unless a test sets it: the test machine may be busy."""
     return rd.Args(**{"hz": 100.0, "warmup_ticks": 0, "inference_timeout_ms": 1000.0, **kw})
+
+
+def controller_for(policy, infer, low=-1.0, high=1.0, **kw):
+    args = args_for(**kw)
+    worker = rd.InferenceWorker(infer, threaded=args.inference_thread)
+    dim = policy.action_dim
+    return rd.Controller(policy, worker, args, np.full(dim, low), np.full(dim, high))
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx"])
@@ -123,15 +144,155 @@ def test_temporal_ensembling_weights_overlapping_chunks_oldest_first():
 def test_controller_clips_and_replaces_non_finite_actions(ckpts):
     policy = common.load_policy(ckpts["dbp"])
     big = lambda obs, z: np.full((1, 4, 5), 7.0, np.float32)
-    c = rd.Controller(policy, big, args_for(max_action=0.5), -np.ones(5), np.ones(5))
-    action, inferred, watchdog = c.step(np.zeros(37, np.float32), time.perf_counter())
-    assert inferred and not watchdog and np.all(action == 0.5)
+    c = controller_for(policy, big, max_action=0.5)
+    action, inferred, safe = c.step(np.zeros(37, np.float32), time.perf_counter())
+    assert inferred and not safe and np.all(action == 0.5)
     nan = lambda obs, z: np.full((1, 4, 5), np.nan, np.float32)
-    c = rd.Controller(policy, nan, args_for(safe_action=(0.1, 0, 0, 0, -0.2)), -np.ones(5), np.ones(5))
-    action, _, watchdog = c.step(np.zeros(37, np.float32), time.perf_counter())
-    assert watchdog and np.allclose(action, [0.1, 0, 0, 0, -0.2])
-    with pytest.raises(common.UserError):
-        rd.Controller(policy, big, args_for(safe_action=(0.0, 0.0)), -np.ones(5), np.ones(5))
+    c = controller_for(policy, nan, safe_action=(0.1, 0, 0, 0, -0.2))
+    action, _, safe = c.step(np.zeros(37, np.float32), time.perf_counter())
+    assert safe and np.allclose(action, [0.1, 0, 0, 0, -0.2]) and c.failures == 1  # non-finite: a failure
+    for bad in (dict(safe_action=(0.0, 0.0)), dict(safe_action=(np.nan,) * 5), dict(safe_action=(2.0,) * 5),
+                dict(hold_dims=(5,))):
+        with pytest.raises(common.UserError):
+            controller_for(policy, big, **bad)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_an_inference_exception_sends_the_safe_action_is_counted_and_stops_the_loop(ckpts, threaded, caplog):
+    policy = common.load_policy(ckpts["dbp"])
+    calls = {"n": 0}
+
+    def flaky(obs, z):  # raises on calls 2 and 3, then works
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return np.full((1, 4, 5), 0.5, np.float32)
+
+    c = controller_for(policy, flaky, inference_thread=threaded, max_consecutive_failures=3)
+    obs = np.zeros(37, np.float32)
+    with caplog.at_level(logging.WARNING, logger="robot_deploy"):
+        out = [c.step(obs, time.perf_counter()) for _ in range(4)]  # one chunk of Ta = 4
+        out += [c.step(obs, time.perf_counter()) for _ in range(2)]  # calls 2 and 3 raise: the safe action
+        assert c.failures == 2 and c.consecutive_failures == 2 and not c.should_stop()
+        out.append(c.step(obs, time.perf_counter()))  # call 4 works again
+    assert [o[2] for o in out] == [False] * 4 + [True, True, False]
+    assert all(not o[0].any() for o in out[4:6]) and out[6][0][0] == 0.5  # zero motion on the failed ticks
+    assert c.consecutive_failures == 0 and c.failures == 2
+    assert sum("inference failed (RuntimeError: CUDA error" in r.message for r in caplog.records) == 2
+
+    # Always failing: the loop sends the safe action on each tick, then stops after 3 failures in a row.
+    def broken(obs, z):
+        raise ValueError("broken")
+
+    for limit, ticks in ((3, 3), (0, 12)):  # 0: never stop (the loop then ends at max_ticks)
+        c = controller_for(policy, broken, inference_thread=threaded, max_consecutive_failures=limit)
+        robot = StallingRobot(37, 1e9)
+        stats = rd.LoopStats(0)
+        rd.run_loop(robot, c, 1000.0, stats, threading.Event(), max_ticks=12, busy_wait_s=0)
+        assert robot.n == ticks and all(not a.any() for a in robot.actions), (limit, robot.n)
+        assert c.failures == ticks and stats.summary()["watchdog_ticks"] == ticks
+        c.worker.close()
+
+
+def test_safe_action_is_zero_motion_by_default_and_can_hold_dims(ckpts):
+    policy = common.load_policy(ckpts["dbp"])
+    chunk = np.tile(np.float32([0.3, -0.3, 0.2, 0.1, 0.9]), (1, 4, 1))
+    calls = {"n": 0}
+
+    def first_only(obs, z):  # one good chunk, then every call fails
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("down")
+        return chunk
+
+    for hold, want in (((), [0, 0, 0, 0, 0]), ((4,), [0, 0, 0, 0, 0.9])):
+        calls["n"] = 0
+        c = controller_for(policy, first_only, hold_dims=hold)
+        for _ in range(4):
+            c.step(np.zeros(37, np.float32), time.perf_counter())
+        action, _, safe = c.step(np.zeros(37, np.float32), time.perf_counter())
+        assert safe and np.allclose(action, want), (hold, action)  # the gripper dim held at its last command
+
+
+def test_zero_action_stops_the_lift_arm_and_holds_its_gripper():
+    """Why zero is the default safe action: robosuite's OSC takes pose deltas, and its Panda gripper integrates the
+    sign of its command, so zero holds both. Repeating the last action (the old default) keeps the arm moving."""
+    env = common.make_env("lift", 0)
+    obs, _ = env.reset(seed=0)
+    state = lambda o: np.concatenate([o[:3], o[7:9]])  # eef position, gripper joint positions
+    move = np.float32([0.5, 0, -0.3, 0, 0, 0, 1.0])  # move and close the gripper
+    for _ in range(10):
+        obs = env.step(move)[0]
+    traj = [state(env.step(np.zeros(7, np.float32))[0]) for _ in range(20)]
+    settled = np.abs(np.diff(traj[10:], axis=0)).sum(0)
+    assert settled[:3].sum() < 1e-3 and settled[3:].sum() < 1e-3, settled  # at rest after ~10 ticks
+    held = [state(env.step(move)[0]) for _ in range(10)]
+    assert np.linalg.norm(held[-1][:3] - held[0][:3]) > 0.02  # the last action repeated: still moving (> 2 cm)
+    env.close()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--safe-action", "nan", "0", "0", "0", "0"], "--safe-action must be finite"),
+    (["--max-action", "-0.5"], "--max-action must be a finite number > 0"),
+    (["--max-action", "inf"], "--max-action must be a finite number > 0"),
+    (["--robot", "server", "--host", "0.0.0.0"], "reachable from other machines"),
+    (["--robot", "server", "--host", "192.168.1.5", "--token", "short"], "at least 8 printable"),
+    (["--safe-action", "0", "0"], "--safe-action has 2 values, the actions 5"),
+])
+def test_cli_refuses_unsafe_settings_at_start_up(ckpts, tmp_path, flags, message):
+    env = {k: v for k, v in os.environ.items() if k != rd.TOKEN_ENV}
+    proc = subprocess.run([sys.executable, RD, "--checkpoint", ckpts["dbp"], *flags], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # before any work
+
+
+def test_parse_request_accepts_openpi_arrays_lists_and_histories():
+    obs = np.arange(37, dtype=np.float32)
+    for req in ({"observation/state": obs}, {"state": obs.astype(np.float64)}, {"state": obs.tolist()},
+                {"state": obs.astype(np.int16), "prompt": "lift the cube", "observation/image": np.zeros((4, 4, 3),
+                                                                                                     np.uint8)}):
+        got, reset, seed = rd.parse_request(msgpack_numpy.packb(req), 37, 2)
+        assert got.dtype == np.float32 and np.array_equal(got, obs) and reset is False and seed is None
+    got, reset, seed = rd.parse_request(msgpack_numpy.packb({"state": np.stack([obs, -obs]), "reset": np.bool_(True),
+                                                             "seed": 5}), 37, 2)
+    assert got.shape == (2, 37) and reset is True and seed == 5  # a numpy bool comes as openpi's __npgeneric__
+    bad = {"expected a binary frame": "text", "under one of ['observation/state', 'state'], got ['obs']":
+           msgpack.packb({"obs": obs.tolist()}), "non-finite values (in float32) at indices [3]":
+           msgpack_numpy.packb({"state": np.where(np.arange(37) == 3, np.inf, obs)}),
+           "shape [37] or [2, 37], not dtype <f4 shape [36]": msgpack_numpy.packb({"state": obs[:36]})}
+    for message, msg in bad.items():
+        with pytest.raises(rd.RequestError, match=re.escape(message)):
+            rd.parse_request(msg, 37, 2)
+
+
+def test_server_answers_an_inference_failure_with_the_safe_chunk_and_closes_after_the_limit(ckpts, caplog):
+    """The server's request path (in-process, without the event loop): a raising policy gets the safe action in
+    every row, status "failed", a count; the third failure in a row also closes the session."""
+    policy = common.load_policy(ckpts["dbp"])
+
+    def broken(obs, z):
+        raise RuntimeError("the GPU fell off the bus")
+
+    args = args_for(max_consecutive_failures=3, hold_dims=(4,))
+    server = rd.PolicyServer(policy, rd.InferenceWorker(broken), args, {}, None, rd.LoopStats(0))
+    session = rd.Controller(policy, server.worker, args, -np.ones(5), np.ones(5))
+    session.last = np.float32([0.5, 0.5, 0.5, 0.5, -0.7])  # the last action sent: dim 4 is held
+    request = msgpack_numpy.packb({"observation/state": np.zeros(37, np.float32)})
+    with caplog.at_level(logging.WARNING, logger="robot_deploy"):
+        replies = [server.answer(session, request, time.perf_counter(), 0.0) for _ in range(3)]
+    for i, (reply, close) in enumerate(replies):
+        r = msgpack_numpy.unpackb(reply)
+        assert r["status"] == "failed" and not r["inferred"] and r["actions"].shape == (4, 5)
+        assert (r["actions"] == np.float32([0, 0, 0, 0, -0.7])).all()  # zero motion, the gripper dim held
+        assert close == (None if i < 2 else "stopping: inference failed 3 times in a row")
+    assert server.failures == 3 and server.stats.summary()["watchdog_ticks"] == 3
+    assert sum("the GPU fell off the bus" in r.message for r in caplog.records) == 3  # in the log, not the reply
+    assert b"GPU" not in replies[0][0]
+    reply, close = server.answer(session, b"\x81\xa5state\xc1", time.perf_counter(), 0.0)  # 0xc1: never valid
+    assert reply is None and close.startswith("bad request: not a msgpack-numpy message")
+    server.worker.close()
 
 
 def test_watchdog_sends_the_safe_action_when_inference_is_late(ckpts):
@@ -144,7 +305,8 @@ def test_watchdog_sends_the_safe_action_when_inference_is_late(ckpts):
         return eager(obs, z)
 
     for safe in (None, (0.0, 0.0, 0.0, 0.0, 1.0)):
-        c = rd.Controller(policy, slow, args_for(inference_timeout_ms=50.0, safe_action=safe), -np.ones(5), np.ones(5))
+        delay["s"] = 0.0
+        c = controller_for(policy, slow, inference_timeout_ms=50.0, safe_action=safe)
         obs = np.zeros(37, np.float32)
         first = [c.step(obs, time.perf_counter()) for _ in range(4)]  # one fast chunk of Ta = 4
         assert first[0][1] and not any(w for _, _, w in first)
@@ -152,16 +314,16 @@ def test_watchdog_sends_the_safe_action_when_inference_is_late(ckpts):
         t = time.perf_counter()
         action, inferred, watchdog = c.step(obs, t)
         assert watchdog and not inferred and time.perf_counter() - t < 0.2  # did not wait for the slow call
-        np.testing.assert_allclose(action, first[-1][0] if safe is None else safe)  # hold the last, or the safe one
+        np.testing.assert_allclose(action, np.zeros(5) if safe is None else safe)  # zero motion, or the given one
         assert c.step(obs, time.perf_counter())[2]  # the late call is still running: still the safe action
+        assert c.failures == 0  # late is not a failure (it does not count towards --max-consecutive-failures)
         delay["s"] = 0.0
         time.sleep(0.35)  # the late chunk finishes and is dropped; the next tick plans from a fresh observation
         action, inferred, watchdog = c.step(obs, time.perf_counter())
         assert inferred and not watchdog
         c.worker.close()
     # Inline inference (--no-inference-thread): a late chunk is still replaced by the safe action, after the call.
-    c = rd.Controller(policy, slow, args_for(inference_timeout_ms=50.0, inference_thread=False, safe_action=(0.0,) * 5),
-                      -np.ones(5), np.ones(5))
+    c = controller_for(policy, slow, inference_timeout_ms=50.0, inference_thread=False)
     delay["s"] = 0.1
     action, inferred, watchdog = c.step(obs, time.perf_counter())
     assert watchdog and not inferred and not action.any()
@@ -203,11 +365,12 @@ class StallingRobot:
     """A stand-in robot whose 5th action takes 3.5 control periods (period 1e9: never)."""
 
     def __init__(self, obs_dim, period):
-        self.obs, self.period, self.n = np.zeros(obs_dim, np.float32), period, 0
+        self.obs, self.period, self.n, self.actions = np.zeros(obs_dim, np.float32), period, 0, []
         self.successes, self.num_episodes = [], 1
 
     def apply(self, action):
         self.n += 1
+        self.actions.append(action.copy())
         time.sleep(3.5 * self.period if self.n == 5 and self.period < 1 else 0)
         return False
 
@@ -217,7 +380,7 @@ def test_loop_counts_late_and_skipped_ticks_as_deadline_misses(ckpts):
     eager = lambda o, z: rd.eager_chunk(policy, o, z)
     slow = lambda o, z: (time.sleep(0.015), eager(o, z))[1]  # 1.5 periods at 100 Hz
     for infer, robot in ((slow, StallingRobot(37, 1e9)), (eager, StallingRobot(37, 0.01))):
-        controller = rd.Controller(policy, infer, args_for(), -np.ones(5), np.ones(5))
+        controller = controller_for(policy, infer)
         stats = rd.LoopStats(0)
         rd.run_loop(robot, controller, 100.0, stats, threading.Event(), max_ticks=10)
         controller.worker.close()
@@ -226,71 +389,18 @@ def test_loop_counts_late_and_skipped_ticks_as_deadline_misses(ckpts):
             assert s["ticks"] == 10 and s["deadline_misses"] >= 3 and s["chunk_latency_p50_ms"] > 10, s
         else:  # the 5th tick stalls 3.5 periods: the loop skips whole periods (2, or 3 if that tick itself ran
             # late on a busy machine) and wakes late by the rest, so skipped periods + lateness >= 2.5 periods
-            skipped = int(np.array(stats.rows)[:, 5].sum())
+            skipped = s["skipped_ticks"]
             assert s["ticks"] == 10 and skipped >= 2 and s["deadline_misses"] >= skipped, s
             assert 10 * skipped + s["jitter_max_ms"] >= 25 - 0.5, (skipped, s)
 
 
-def serve_in_thread(policy, infer, args):
-    controller = rd.Controller(policy, infer, args, -np.ones(policy.action_dim), np.ones(policy.action_dim))
-    ctx, sock, endpoint = rd.bind_server("127.0.0.1", 0, args.max_msg_bytes)
-    stats, stop = rd.LoopStats(0), threading.Event()
-    thread = threading.Thread(target=rd.serve, args=(sock, policy, controller, stats, stop, args.max_msg_bytes, 200))
-    thread.start()
-    return endpoint, stats, stop, thread, (sock, ctx, controller)
-
-
-def stop_server(stop, thread, resources):
-    stop.set()
-    thread.join(timeout=5)
-    sock, ctx, controller = resources
-    sock.close(), ctx.term(), controller.worker.close()
-    assert not thread.is_alive()
-
-
-def test_server_answers_a_real_client_over_loopback(ckpts, tmp_path):
-    policy = common.load_policy(ckpts["dbp"])
-    args = args_for(seed=3)
-    endpoint, stats, stop, thread, res = serve_in_thread(policy, rd.make_backend(policy, "onnx", str(tmp_path)), args)
-    client = PolicyClient(endpoint, timeout_ms=2000)
-    try:
-        assert client.info() == {"obs_dim": 37, "action_dim": 5, "n_obs_steps": 1, "horizon": 4, "n_action_steps": 4}
-        obs = np.random.default_rng(0).uniform(-1, 2, (6, 37)).astype(np.float32)
-        replies = [client.act(o, reset=i == 0) for i, o in enumerate(obs)]
-        assert [r["inferred"] for r in replies] == [True, False, False, False, True, False]
-        z = np.random.default_rng(3).standard_normal((1, 4, 5), dtype=np.float32)  # the server's first noise draw
-        want = rd.eager_chunk(policy, obs[None, :1], z)[0]
-        np.testing.assert_allclose(np.stack([r["action"] for r in replies[:4]]), want, atol=1e-5)
-        assert stats.summary()["ticks"] == 6
-    finally:
-        client.close()
-        stop_server(stop, thread, res)
-
-
-def test_server_replies_errors_to_malformed_requests_and_keeps_serving(ckpts, tmp_path):
-    policy = common.load_policy(ckpts["dbp"])
-    args = args_for(max_msg_bytes=4096)
-    endpoint, stats, stop, thread, res = serve_in_thread(policy, lambda o, z: rd.eager_chunk(policy, o, z), args)
-    client = PolicyClient(endpoint, timeout_ms=2000)
-    arr = lambda x, dtype="float32": {"dtype": dtype, "shape": list(x.shape), "data": x.tobytes()}
-    good = np.zeros(37, np.float32)
-    bad = {"wrong shape": {"obs": arr(np.zeros(36, np.float32))},
-           "wrong dtype": {"obs": arr(np.zeros(37, np.float64), "float64")},
-           "NaN": {"obs": arr(np.where(np.arange(37) == 5, np.nan, good).astype(np.float32))},
-           "short data": {"obs": {"dtype": "float32", "shape": [37], "data": b"\x00" * 10}},
-           "garbage bytes": b"\xc1\xff\x00garbage",
-           "not a map": [1, 2, 3],
-           "oversized": {"obs": arr(good), "pad": b"x" * 5000}}
-    try:
-        for what, msg in bad.items():
-            reply = client.request(msg)
-            assert reply is not None and set(reply) == {"error"}, (what, reply)
-            assert client.act(good)["action"].shape == (5,), what  # still serving after each bad request
-        assert "[5]" in client.request(bad["NaN"])["error"] and "4096" in client.request(bad["oversized"])["error"]
-        assert thread.is_alive()
-    finally:
-        client.close()
-        stop_server(stop, thread, res)
+def test_loop_stats_keep_a_fixed_buffer():
+    stats = rd.LoopStats(warmup=2, window=8)
+    for i in range(20):
+        stats.add(i * 1e-3, i % 4 == 0, i == 19)
+    s = stats.summary()
+    assert s["ticks"] == 18 and s["chunks"] == 4 and s["watchdog_ticks"] == 1  # counts: every tick after warm-up
+    assert s["latency_p50_ms"] == pytest.approx(15.5) and s["latency_max_ms"] == pytest.approx(19)  # the last 8
 
 
 @pytest.mark.parametrize("name", ["dbp", "unet", "dfp"])
@@ -298,41 +408,139 @@ def test_sim_loop_runs_a_checkpoint_at_rate(ckpts, tmp_path, name):
     policy = common.load_policy(ckpts[name], env_id=ENV_ID)
     robot = rd.SimRobot(ENV_ID, seed=0, num_episodes=1)
     args = args_for(execution="ensemble" if name == "unet" else "receding")
-    controller = rd.Controller(policy, rd.make_backend(policy, "onnx", str(tmp_path)), args,
-                               robot.env.action_space.low, robot.env.action_space.high)
+    worker = rd.make_worker(policy, rd.make_backend(policy, "onnx", str(tmp_path)))
+    controller = rd.Controller(policy, worker, args, robot.env.action_space.low, robot.env.action_space.high)
     stats, n, obs0 = rd.LoopStats(2), 12, robot.obs.copy()
     rd.run_loop(robot, controller, args.hz, stats, threading.Event(), max_ticks=n)
     s = stats.summary()
     assert s["ticks"] == n - 2 and s["chunks"] == (n - 2 if name == "unet" else (n - 2) // policy.n_action_steps)
     assert s["latency_max_ms"] < 500 and np.isfinite(s["jitter_p50_ms"]) and s["watchdog_ticks"] == 0
     assert np.abs(robot.obs - obs0).max() > 0  # the sim moved
-    robot.env.close(), controller.worker.close()
+    robot.env.close(), worker.close()
 
 
-def test_cli_server_stops_cleanly_on_ctrl_c(ckpts, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "robot_deploy.py"), "--checkpoint", ckpts["dfp"], "--robot", "server",
-           "--port", "0", "--backend", "torchscript", "--warmup-ticks", "2", "--inference-timeout-ms", "1000"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        while not lines or not lines[-1].startswith("serving on"):
-            line = proc.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        client = PolicyClient(lines[-1].split()[2], timeout_ms=5000)
-        assert all(client.act(np.zeros(37, np.float32), reset=i == 0)["action"].shape == (5,) for i in range(8))
-        client.close()
-        proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=20)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
-    assert "observation -> action" in out and "watchdog fired on 0 of 6 ticks" in out
+def test_cli_sim_run_writes_its_statistics(ckpts, tmp_path):
+    cmd = [sys.executable, RD, "--checkpoint", ckpts["dbp"], "--max-ticks", "12", "--hz", "100", "--warmup-ticks",
+           "2", "--inference-timeout-ms", "1000", "--backend", "torchscript"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "observation -> action" in proc.stdout and "inference failed 0 times" in proc.stdout
     stats_file, = glob.glob(str(tmp_path / "runs" / f"{ENV_ID}__robot_deploy__1__*" / "deploy_stats.json"))
-    assert json.load(open(stats_file))["ticks"] == 6
+    assert json.load(open(stats_file))["ticks"] == 10
 
 
 def test_cli_refuses_a_checkpoint_of_another_env(ckpts, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "robot_deploy.py"), "--checkpoint", ckpts["dbp"], "--env-id", "lift"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, RD, "--checkpoint", ckpts["dbp"], "--env-id", "lift"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "trained on 'cube-double" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The server with the real openpi client, on a lift policy trained here
+# ----------------------------------------------------------------------------------------------
+LIFT_SEED, LIFT_EPISODES, LIFT_STEPS = 1, 20, 100  # episodes of at most 100 steps (the demos take about 60)
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def lift(tmp_path_factory):
+    """A small lift DBP policy: 20 scripted demos (little noise) and a short dbp_bc.py run (about 1-2 min on 2
+    busy cores), then `robot_deploy.py --robot server` with a token, eager backend (bit-exact with the in-process
+    loop), on a free loopback port."""
+    import make_datasets
+
+    d = tmp_path_factory.mktemp("lift")
+    data = str(d / "lift_20.hdf5")
+    make_datasets.generate_robomimic("lift", data, num_demos=20, noise=0.05, hesitate=0.0, num_workers=1)
+    cmd = [sys.executable, os.path.join(ROOT, "dbp_bc.py"), "--env-id", "lift", "--dataset-path", data,
+           "--total-steps", "3000", "--hidden-dims", "256", "256", "--eval-every", "3000", "--eval-episodes", "1",
+           "--final-eval-episodes", "1", "--max-episode-steps", "10", "--num-eval-envs", "1", "--threads", "1",
+           "--no-cuda"]
+    proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ckpt, = glob.glob(str(d / "runs" / "lift__dbp_bc__1__*" / "dbp.pt"))
+    server, port, log = start_server(ckpt, str(d), "--backend", "eager", "--seed", str(LIFT_SEED),
+                                     env={rd.TOKEN_ENV: TOKEN})
+    yield {"ckpt": ckpt, "port": port, "proc": server, "log": log}
+    server.kill()
+    server.wait()
+
+
+def test_openpi_client_reads_the_metadata_and_gets_the_actions_of_load_policy_act(lift):
+    client = WebsocketClientPolicy("127.0.0.1", lift["port"], api_key=TOKEN)
+    meta = client.get_server_metadata()
+    policy = common.load_policy(lift["ckpt"])
+    want = {"env_id": "lift", "algorithm": "dbp_bc", "obs_dim": 19, "action_dim": 7, "n_obs_steps": 1,
+            "n_action_steps": policy.n_action_steps, "chunk_length": policy.horizon, "control_hz": 20.0,
+            "checkpoint_sha256": hashlib.sha256(open(lift["ckpt"], "rb").read()).hexdigest(),
+            "safe_action": [0.0] * 7, "state_keys": ["observation/state", "state"]}
+    assert {k: meta[k] for k in want} == want
+    env = common.make_env("lift", 0)
+    obs, _ = env.reset(seed=0)
+    draw = np.random.default_rng(LIFT_SEED)  # the session's own noise generator: --seed
+    for k in range(6):
+        noise = lambda seed: np.random.default_rng(seed).standard_normal((1, *policy.noise_shape), dtype=np.float32)
+        expect = lambda z: np.clip(policy.act(obs, z=z), -1, 1)
+        reply = client.infer({"observation/state": obs, "seed": 100 + k})  # an explicit seed for this draw
+        np.testing.assert_array_equal(reply["actions"], expect(noise(100 + k)))
+        assert reply["actions"].shape == (policy.horizon, 7) and reply["status"] == "ok"
+        assert set(reply["server_timing"]) == {"infer_ms", "prev_total_ms"} and reply["policy_timing"]["infer_ms"] > 0
+        obs = env.step(reply["actions"][0])[0]
+    env.close()
+    fresh = WebsocketClientPolicy("127.0.0.1", lift["port"], api_key=TOKEN)  # a new session: its generator at --seed
+    for k in range(3):
+        z = draw.standard_normal((1, *policy.noise_shape), dtype=np.float32)
+        np.testing.assert_array_equal(fresh.infer({"state": obs})["actions"], np.clip(policy.act(obs, z=z), -1, 1))
+    with pytest.raises(RuntimeError, match="bad request: 'state' must be a number array of shape") as e:
+        fresh.infer({"state": obs[:5]})
+    assert "Traceback" not in str(e.value)
+
+
+class RecordingRobot(rd.SimRobot):
+    def apply(self, action):
+        self.actions.append(action.copy())
+        return super().apply(action)
+
+
+def test_action_chunk_broker_episodes_match_the_in_process_loop(lift):
+    """The same policy, seeds and noise: in-process (robot_deploy.run_loop) and through the server with openpi's
+    ActionChunkBroker give the same actions, tick for tick, so the same successes over 20 episodes."""
+    policy = common.load_policy(lift["ckpt"])
+    robot = RecordingRobot("lift", LIFT_SEED, LIFT_EPISODES, LIFT_STEPS)
+    robot.actions = []
+    args = rd.Args(seed=LIFT_SEED, hz=1000.0, inference_timeout_ms=60_000.0)
+    controller = rd.Controller(policy, rd.InferenceWorker(lambda o, z: rd.eager_chunk(policy, o, z), threaded=False),
+                               args, robot.env.action_space.low, robot.env.action_space.high)
+    rd.run_loop(robot, controller, args.hz, rd.LoopStats(0), threading.Event(), busy_wait_s=0)
+    robot.env.close()
+
+    client = WebsocketClientPolicy("127.0.0.1", lift["port"], api_key=TOKEN)
+    broker = ActionChunkBroker(client, action_horizon=client.get_server_metadata()["n_action_steps"])
+    env, actions, successes = common.make_env("lift", LIFT_SEED, LIFT_STEPS), [], []
+    for ep in range(LIFT_EPISODES):
+        (obs, _), done, success, first = env.reset(seed=common.EVAL_SEED_OFFSET + LIFT_SEED + ep), False, False, True
+        broker.reset()
+        while not done:
+            action = broker.infer({"observation/state": obs, "reset": first})["actions"]
+            first = False
+            actions.append(action)
+            obs, _, terminated, truncated, info = env.step(action)
+            success, done = success or bool(info["success"]), terminated or truncated
+        successes.append(success)
+    env.close()
+    print(f"lift: {sum(successes)} of {LIFT_EPISODES} in-process and {sum(robot.successes)} through the server")
+    assert robot.successes == successes and len(successes) == LIFT_EPISODES
+    np.testing.assert_array_equal(np.stack(robot.actions), np.stack(actions))
+
+
+def test_a_token_is_required_and_healthz_is_open(lift):
+    port = lift["port"]
+    for key in (None, "wrong-token-0123456789", TOKEN + "x"):
+        with pytest.raises(InvalidStatus) as e:
+            WebsocketClientPolicy("127.0.0.1", port, api_key=key)
+        assert e.value.response.status_code == 401
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10).read() == b"OK\n"
+    assert WebsocketClientPolicy("127.0.0.1", port, api_key=TOKEN).get_server_metadata()["env_id"] == "lift"
+    assert lift["proc"].poll() is None and "Traceback" not in open(lift["log"]).read()
+    args_json, = glob.glob(os.path.join(os.path.dirname(lift["log"]), "runs", "lift__robot_deploy__*", "args.json"))
+    assert json.load(open(args_json))["token"] == "<redacted>" and TOKEN not in open(args_json).read()
