@@ -367,9 +367,9 @@ if __name__ == "__main__":
     common.check_env_id(args.env_id)
     robomimic = args.env_id in common.ROBOMIMIC_TASKS
     # Per-benchmark hyperparameters of the paper's Table 5 (the released YAML uses K 4, N' 16, temps (0.1,)).
-    args.k = args.k or (2 if robomimic else 4)
-    args.n_best = args.n_best or (4 if robomimic else 16)
-    args.temperatures = args.temperatures or ((0.005, 0.05) if robomimic else (0.05,))
+    args.k = (2 if robomimic else 4) if args.k is None else args.k
+    args.n_best = (4 if robomimic else 16) if args.n_best is None else args.n_best
+    args.temperatures = ((0.005, 0.05) if robomimic else (0.05,)) if args.temperatures is None else args.temperatures
     common.require_positive(args, "batch_size", "learning_rate", "horizon", "num_qs", "gen_per_obs", "pool_size", "k",
                             "n_best", "utd", "eval_every", "eval_episodes", "final_eval_episodes", "num_eval_envs",
                             "checkpoint_every_minutes", "threads")

@@ -114,6 +114,7 @@ BAD_ARGS = [
     ("dfp_offline_to_online.py", ["--eval-every", "0"], "--eval-every must be > 0"),
     ("dfp_offline_to_online.py", ["--batch-size", "0"], "--batch-size must be > 0"),
     ("dfp_offline_to_online.py", ["--k", "20"], "--k 20 must not exceed --pool-size 16"),
+    ("dfp_offline_to_online.py", ["--k", "0"], "--k must be > 0"),
     ("dbpo_online.py", ["--num-envs", "0"], "--num-envs must be > 0"),
     ("dbpo_online.py", ["--num-steps", "0"], "--num-steps must be > 0"),
     ("dbpo_online.py", ["--lr-warmup-iters", "0"], "--lr-warmup-iters must be > 0"),
