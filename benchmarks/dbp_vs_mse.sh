@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # DBP against plain regression (--loss mse): same data (200 generated multimodal demos), network, budget.
 # Each run: 20k steps, 50-episode evaluations every 5k steps, then 100 episodes on unseen seeds for the
-# final and the best checkpoint. Reported in the README ("DBP against regression").
-# The longer can runs of the README: STEPS=60000 EVAL_EVERY=20000 TASKS=can benchmarks/dbp_vs_mse.sh
+# final and the best checkpoint. Reported in docs/dbp_bc.md ("Experiment results").
+# The longer can runs of docs/dbp_bc.md: STEPS=60000 EVAL_EVERY=20000 TASKS=can benchmarks/dbp_vs_mse.sh
 # (run names dbp_drift_60k / dbp_mse_60k). Extra flags for every run go in FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's DBPO benchmark (about 60 minutes on 2 CPU cores): a deliberately short DBP pretraining on lift
+# The DBPO lift benchmark of docs/dbpo_online.md (about 70 minutes on 2 CPU cores): a deliberately short DBP pretraining on lift
 # (6k steps on the default demos, 30-70% success), then DBPO for 80 iterations of 16 envs x 64 chunk decisions
 # (4k env steps each; the first 10 train the critic only), 4 minibatches x 5 epochs, with the learning rates of
 # a 200-iteration cosine schedule. Deterministic one-call success over 100 episodes before the first update and
@@ -7,10 +7,10 @@
 # Settings that differ from the paper's (docs/dbpo_online.md, "Deviations from the paper"): PPO clip 0.1
 # (paper 0.02); exploration std 0.2, initial and upper clamp (paper 0.03 and [0.03, 0.10]); actor lr 3e-5 ->
 # 1e-5 (paper 1e-5 -> 3e-6); --no-clip-logprob-action; --chunk-baseline.
-# Variants: SIGMA (default 0.2; the README's earlier run: 0.1 for 100 iterations), EVAL_EVERY,
+# Variants: SIGMA (default 0.2; 0.1 for 100 iterations is the docs' sigma-0.1 table), EVAL_EVERY,
 # PRETRAINED=path/dbp.pt (skips the pretraining).
 # The script's earlier version (commit 229d4ef: a 5k-step pretraining, 8 envs, V(s), std 0.1, ANCHOR_COEF) made
-# the README's older DBPO lift tables.
+# the older DBPO lift tables in docs/dbpo_online.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sigma="${SIGMA:-0.2}"

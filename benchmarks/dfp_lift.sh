@@ -3,7 +3,7 @@
 # steps), with and without L_topK (LAMBDAS="0.5" or "0" runs one of them). --normalize-obs: with the paper's raw
 # observations the actor scored 4% after 5k offline steps, 52% with them min-max normalised. --actor-init he: with
 # the paper's Xavier init and raw observations the actor scored 0/50 at 2k and 4k steps
-# (docs/dfp_offline_to_online.md). Reported in the README ("DFP"); curves: benchmarks/plots.sh.
+# (docs/dfp_offline_to_online.md). Reported in docs/dfp_offline_to_online.md; curves: benchmarks/plots.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for lam in ${LAMBDAS:-0.5 0}; do

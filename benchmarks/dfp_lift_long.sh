@@ -3,7 +3,7 @@
 # --actor-init he, --normalize-obs) with a longer budget, 15k offline steps then 10k online env steps (UTD 1),
 # with and without L_topK run side by side, one core each (measured on an idle 2-core machine: 65 min with
 # L_topK, 52 min without).
-# Evaluations: 50 episodes every 5k steps, 100 at the end. Reported in the README ("DFP"); curves: benchmarks/plots.sh.
+# Evaluations: 50 episodes every 5k steps, 100 at the end. Reported in docs/dfp_offline_to_online.md; curves: benchmarks/plots.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs

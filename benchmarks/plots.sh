@@ -31,7 +31,7 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_anchor0.1)" \
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_noisy)" \
   --labels "DBPO, unclipped-sample log-prob, actor lr 3e-5" \
   --title "lift: DBPO from a 3.5k-step DBP policy (default demos)" --out benchmarks/results/dbpo_lift_30it.png
-# The *_clean.png / .csv files are from the clean demos of an earlier session, dfp_lift_rawobs.* from the DFP run
+# The *_clean.png / .csv files are from the clean demos (--noise 0 --hesitate 0), dfp_lift_rawobs.* from the DFP run
 # on raw observations (--actor-init he, 5k + 4k): redraw them with --from-csv.
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_chunkbase)" "$(last lift__dbpo_lift_16env)" \
   --labels "V(s, f(z, s)) baseline (--chunk-baseline), 40 iterations" "V(s) baseline, same settings, stopped near iteration 35" \
@@ -56,6 +56,6 @@ python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_quiet)" \
   --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100-episode evaluations)" \
   --out benchmarks/results/dbpo_lift_100it.png
 python benchmarks/plot_runs.py --runs "$(last lift__dbpo_lift_sigma02)" "$(last lift__dbpo_lift_quiet)" \
-  --labels "std 0.2: 80 iterations (benchmarks/dbpo_lift.sh), then to 120" "std 0.1 (the earlier run, to 150)" \
+  --labels "std 0.2: 80 iterations (benchmarks/dbpo_lift.sh), then to 120" "std 0.1, 150 iterations (docs: the std-0.1 table)" \
   --xlabel iteration --title "lift: DBPO from a 6k-step DBP policy (100 episodes, same seeds)" \
   --out benchmarks/results/dbpo_lift_sigma02.png
