@@ -49,14 +49,19 @@ def _quiet_worker(initializer, *initargs):
     initializer(*initargs)
 
 
-def _stop_on_sigterm(signum, _frame):
-    raise SystemExit(128 + signum)  # unwinds through `with _pool(...)`, which terminates the workers
+def _stop(signum, _frame):
+    # End the workers first, then unwind through `with _pool(...)`. Pool.terminate() alone could hang when the
+    # signal came while a worker was still starting (seen once in CI after Ctrl-C).
+    for worker in mp.active_children():
+        worker.terminate()
+    raise SystemExit(128 + signum)
 
 
 def _pool(initializer, initargs, num_workers):
     """A worker pool whose workers end with the generator: on completion, an error, Ctrl-C or SIGTERM."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
     return mp.get_context("spawn").Pool(num_workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
 
 
