@@ -26,6 +26,7 @@ loads and relabels it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -57,12 +58,17 @@ def _stop(signum, _frame):
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
 def _pool(initializer, initargs, num_workers):
     """A worker pool whose workers end with the generator: on completion, an error, Ctrl-C or SIGTERM."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-    return mp.get_context("spawn").Pool(num_workers, initializer=_quiet_worker, initargs=(initializer, *initargs))
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        with mp.get_context("spawn").Pool(num_workers, initializer=_quiet_worker, initargs=(initializer, *initargs)) as pool:
+            yield pool
+    finally:
+        for sig, handler in before.items():  # the caller's handlers again (a training script's, a server's)
+            signal.signal(sig, handler)
 
 
 def _write_atomic(path: str, write) -> None:
