@@ -50,19 +50,26 @@ def _quiet_worker(initializer, *initargs):
     initializer(*initargs)
 
 
-def _stop(signum, _frame):
-    # End the workers first, then unwind through `with _pool(...)`. Pool.terminate() alone could hang when the
-    # signal came while a worker was still starting (seen once in CI after Ctrl-C).
-    for worker in mp.active_children():
-        worker.terminate()
-    raise SystemExit(128 + signum)
+def _stopper(others):
+    """A SIGINT / SIGTERM handler that ends the pool's workers (every child process not in `others`), then unwinds
+    through `with _pool(...)`. Pool.terminate() alone could hang when the signal came while a worker was still
+    starting (seen once in CI after Ctrl-C)."""
+
+    def stop(signum, _frame):
+        for worker in mp.active_children():
+            if worker not in others:  # the caller's own children are left alone
+                worker.terminate()
+        raise SystemExit(128 + signum)
+
+    return stop
 
 
 @contextlib.contextmanager
 def _pool(initializer, initargs, num_workers):
     """A worker pool whose workers end with the generator: on completion, an error, Ctrl-C or SIGTERM."""
     main = threading.current_thread() is threading.main_thread()
-    before = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    stop = _stopper(set(mp.active_children()))
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         with mp.get_context("spawn").Pool(num_workers, initializer=_quiet_worker, initargs=(initializer, *initargs)) as pool:
             yield pool

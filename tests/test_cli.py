@@ -1,5 +1,6 @@
 """A user's first hour: presets, progress lines in log files, a fast --help, and one clear line for bad input."""
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -189,3 +190,26 @@ def test_stopping_make_datasets_ends_its_workers(tmp_path, sig):
     alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in open(f"/proc/{w}/status").read().lower()]
     assert not alive, f"workers {alive} outlived make_datasets.py"
     assert not os.path.exists(tmp_path / "x.hdf5")
+
+
+def _sleep_forever():
+    time.sleep(600)
+
+
+def test_the_pools_stop_handler_ends_only_the_pools_workers():
+    """The handler that _pool installs ends the processes started after it, not the caller's own children."""
+    ctx = mp.get_context("spawn")
+    callers, pools = ctx.Process(target=_sleep_forever, daemon=True), ctx.Process(target=_sleep_forever, daemon=True)
+    callers.start()
+    stop = make_datasets._stopper(set(mp.active_children()))
+    pools.start()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            stop(signal.SIGTERM, None)
+        assert exit_.value.code == 128 + signal.SIGTERM
+        pools.join(timeout=30)
+        assert not pools.is_alive() and pools.exitcode == -signal.SIGTERM
+        assert callers.is_alive()
+    finally:
+        callers.kill()
+        pools.kill()
