@@ -237,7 +237,8 @@ def plot(rows, work_dir, path):
                 continue
             values = np.array([[dict(zip(s, v))[t] for t in common_steps] for s, v in curves])
             mean, std = values.mean(0), values.std(0)
-            line, = ax.plot(common_steps, mean, marker=".", label=f"{method} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+            line, = ax.plot(common_steps, mean, marker=".", label=f"{method} ({seeds})")
             ax.fill_between(common_steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             switches |= {int(r["offline_steps"]) for r in runs if str(r["offline_steps"]).isdigit()}
         for s in switches:
