@@ -100,9 +100,9 @@ class Args:
     eval_every: int = 5_000
     """evaluate (and checkpoint) every this many steps"""
     eval_episodes: int = 50
-    """episodes per periodic evaluation"""
+    """episodes per periodic evaluation (0: none, and no dbp_best.pt)"""
     final_eval_episodes: int = 100
-    """episodes for the final evaluation of the final and the best checkpoint (on unseen seeds)"""
+    """episodes for the final evaluation of the final and the best checkpoint (on unseen seeds; 0: none)"""
     num_eval_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
     max_episode_steps: Optional[int] = None
@@ -317,8 +317,10 @@ if __name__ == "__main__":
         args.exp_name = "dbp_bc_mse"  # the variant shows in the run name
     common.check_env_id(args.env_id)
     common.require_positive(args, "total_steps", "batch_size", "gen_per_obs", "learning_rate", "warmup_steps", "eval_every",
-                            "eval_episodes", "final_eval_episodes", "num_eval_envs", "n_obs_steps", "horizon",
+                            "num_eval_envs", "n_obs_steps", "horizon",
                             "n_action_steps", "max_episode_steps", "checkpoint_every_minutes", "threads")
+    common.require(min(args.eval_episodes, args.final_eval_episodes) >= 0,
+                   "--eval-episodes and --final-eval-episodes must be >= 0 (0: no such evaluation)")
     common.require(args.n_obs_steps + args.n_action_steps - 1 <= args.horizon,
                    f"need To + Ta - 1 <= H: --n-obs-steps {args.n_obs_steps} + --n-action-steps {args.n_action_steps} - 1 "
                    f"> --horizon {args.horizon}")
@@ -412,7 +414,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
             writer.add_scalar("charts/SPS", progress.rates()[0], step)  # training steps/s, evaluations excluded
-        if step % args.eval_every == 0 or step == args.total_steps:
+        if args.eval_episodes and (step % args.eval_every == 0 or step == args.total_steps):
             result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
                                      num_envs=args.num_eval_envs, max_episode_steps=args.max_episode_steps)
             for k, v in result.items():
@@ -428,15 +430,17 @@ if __name__ == "__main__":
 
     # Final evaluation of the final and the best checkpoint, on seeds the periodic evaluation never used.
     final_seed, final = common.EVAL_SEED_OFFSET + 50_000, {}
-    for tag in ("final", "best") if args.save_model else ("final",):
+    tags = ("final", "best") if args.save_model and args.eval_episodes else ("final",)
+    for tag in tags if args.final_eval_episodes else ():
         eval_policy = ema_policy if tag == "final" else common.load_policy(os.path.join(run_dir, "dbp_best.pt"), device)
         final[tag] = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
                                      args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
                                      max_episode_steps=args.max_episode_steps)
         writer.add_scalar(f"eval/{tag}_success_rate", final[tag]["success_rate"], args.total_steps)
         print(f"{tag} checkpoint: success {final[tag]['success_rate']:.3f} over {final[tag]['episodes']} episodes")
-    common.write_results(run_dir, args, "dbp_bc", steps=args.total_steps, final_success=final["final"]["success_rate"],
-                         final_episodes=final["final"]["episodes"],
+    common.write_results(run_dir, args, "dbp_bc", steps=args.total_steps,
+                         final_success=final["final"]["success_rate"] if final else None,
+                         final_episodes=final["final"]["episodes"] if final else 0,
                          best_success=final["best"]["success_rate"] if "best" in final else None,
                          wall_time_s=time.time() - t_start)
     if args.capture_video:

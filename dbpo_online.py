@@ -149,7 +149,7 @@ class Args:
 PRESETS = {"cpu": {"lift": dict(
     pretrain_steps=6_000, num_envs=16, num_steps=64, num_iterations=200, stop_iteration=80, critic_warmup_iters=10,
     update_epochs=5, minibatch_size=256, clip_coef=0.1, sigma_init=0.2, sigma_max=0.2, actor_lr=3e-5,
-    actor_lr_min=1e-5, clip_logprob_action=False, anchor_coef=1.0, chunk_baseline=True, eval_every=40,
+    actor_lr_min=1e-5, clip_logprob_action=False, anchor_coef=1.0, chunk_baseline=True, eval_every=80,
     eval_episodes=100, num_eval_envs=4)}}
 # Flags that may change on --resume (the rest define the run and must not).
 RESUMABLE = ("num_iterations", "stop_iteration", "eval_every", "eval_episodes", "num_eval_envs",
@@ -296,7 +296,8 @@ def pretrain_dbp(args):
     started = time.time()
     done = subprocess.run([sys.executable, script, "--env-id", args.env_id, "--seed", str(args.seed), "--exp-name",
                            "dbpo_pretrain", "--total-steps", str(args.pretrain_steps), "--eval-every", str(args.pretrain_steps),
-                           "--eval-episodes", str(args.eval_episodes), "--final-eval-episodes", str(args.eval_episodes),
+                           # no evaluation there: iteration 0 below evaluates these weights
+                           "--eval-episodes", "0", "--final-eval-episodes", "0",
                            "--threads", str(args.threads), "--cuda" if args.cuda else "--no-cuda",
                            *(["--dataset-path", args.dataset_path] if args.dataset_path else []),
                            *(["--max-episode-steps", str(args.max_episode_steps)] if args.max_episode_steps else [])])

@@ -80,7 +80,7 @@ def _pool(initializer, initargs, num_workers):
 
 def _write_atomic(path: str, write) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two runs that generate the same missing set do not collide
     write(tmp)
     os.replace(tmp, path)
 

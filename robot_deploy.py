@@ -125,6 +125,9 @@ class Args:
     """server: larger messages close the connection (code 1009); 0: no cap, as openpi"""
     max_sessions: int = 16
     """server: connections beyond this many are refused (HTTP 503)"""
+    busy_poll: bool = False
+    """server: the event loop spins between requests instead of sleeping in epoll (it burns one core; on a VM whose
+    idle vCPU halts, a sleeping server wakes late for each request)"""
 
 
 TOKEN_ENV = "DRIFT_POLICY_TOKEN"
@@ -711,6 +714,9 @@ class PolicyServer:
             raise common.UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
         async with server:
             print(f"serving on ws://{host}:{server.sockets[0].getsockname()[1]} (Ctrl-C to stop)", flush=True)
+            if self.args.busy_poll:  # a ready callback makes each selector poll non-blocking: the loop never sleeps
+                while not self.stop.is_set():
+                    await asyncio.sleep(0)
             await self.stop.wait()
 
 

@@ -4,6 +4,7 @@ To = 1, H = Ta = 4). Random weights unless --checkpoint is given: latency does n
     python benchmarks/deploy_latency.py                           # all backends, 60 s at 1 kHz each (~6 min)
     python benchmarks/deploy_latency.py --backends onnx eager --loop-seconds 10
     python benchmarks/deploy_latency.py --backends onnx --no-inference-thread   # inference inline in the loop
+    python benchmarks/deploy_latency.py --backends onnx --no-inference-thread --busy-poll   # the server never sleeps
     python benchmarks/deploy_latency.py --backends onnx --calls 1000 --loop-seconds 5 --server-requests 20000  # ~40 s
     sudo chrt -f 50 python benchmarks/deploy_latency.py      # real-time priority (SCHED_FIFO), as a robot would run
     # ... after `sudo sysctl kernel.sched_rt_runtime_us=-1` (RT throttling off; the README's table, scheduler
@@ -67,6 +68,8 @@ class Args:
     """loop and server: inference in robot_deploy's watchdog thread (--no-inference-thread: inline)"""
     busy_wait_us: float = 1000.0
     """loop: robot_deploy's --busy-wait-us (sleep until this long before each tick, then spin)"""
+    busy_poll: bool = False
+    """server: robot_deploy's --busy-poll (the server's event loop spins between requests instead of sleeping)"""
     out: str = os.path.join(ROOT, "benchmarks", "results", "deploy_latency.csv")
     """CSV file of the table"""
 
@@ -105,7 +108,8 @@ def time_server(checkpoint, backend, args, tmp):
 
     cmd = [sys.executable, os.path.join(ROOT, "robot_deploy.py"), "--checkpoint", checkpoint, "--robot", "server",
            "--backend", backend, "--port", "0", "--hz", str(args.loop_hz), "--inference-timeout-ms", "50",
-           "--inference-thread" if args.inference_thread else "--no-inference-thread"]
+           "--inference-thread" if args.inference_thread else "--no-inference-thread",
+           *(["--busy-poll"] if args.busy_poll else [])]
     log_path = os.path.join(tmp, f"server_{backend}.log")
     with open(log_path, "w") as log:  # a file: a pipe nobody reads would block the server
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
@@ -176,7 +180,8 @@ if __name__ == "__main__":
                     "loop_watchdog_pct": 100 * s["watchdog_ticks"] / max(s["ticks"], 1)})
         row.update(time_server(checkpoint, backend, args, tmp))
         row.update({"load_avg_1min": os.getloadavg()[0], "cpus": os.cpu_count(), "scheduler": scheduler,
-                    "inference_thread": args.inference_thread, "busy_wait_us": args.busy_wait_us})
+                    "inference_thread": args.inference_thread, "busy_wait_us": args.busy_wait_us,
+                    "server_busy_poll": args.busy_poll})
         rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         print(f"  {backend}: done ({time.perf_counter() - t:.0f} s)", flush=True)
 
@@ -191,9 +196,9 @@ if __name__ == "__main__":
     print(" | ".join(c for c, _ in cols))
     for row in rows:
         print(" | ".join(f.format(row[c]) for c, f in cols))
-    # Rows of the same (backend, scheduler, inference_thread, transport) are replaced; other rows are kept.
+    # Rows of the same (backend, scheduler, inference_thread, transport, busy poll) are replaced; other rows are kept.
     key = lambda r: (str(r["backend"]), str(r["scheduler"]), str(r["inference_thread"]),
-                     r.get("server_transport") or "")
+                     r.get("server_transport") or "", str(r.get("server_busy_poll") or False))
     new_keys = {key(r) for r in rows}
     if os.path.exists(args.out):
         with open(args.out) as f:

@@ -57,7 +57,7 @@ def test_the_readme_recipes_are_the_presets():
     assert dfp.actor_init == "he" and dfp.normalize_obs and dfp.lambda_topk == 0.5
     _, dbpo = resolve("dbpo_online.py", ["--preset", "cpu"])
     assert (dbpo.pretrain_steps, dbpo.num_envs, dbpo.num_steps, dbpo.stop_iteration, dbpo.sigma_init) == (6000, 16, 64, 80, 0.2)
-    assert dbpo.chunk_baseline and not dbpo.clip_logprob_action and dbpo.clip_coef == 0.1
+    assert dbpo.chunk_baseline and not dbpo.clip_logprob_action and dbpo.clip_coef == 0.1 and dbpo.eval_every == 80
     _, can = resolve("dbp_bc.py", ["--preset", "cpu", "--env-id", "can"])
     assert (can.learning_rate, can.max_episode_steps, can.total_steps) == (1e-3, 400, 40_000)
     assert can.dataset_path.endswith("can/scripted_mh_500_noise0.1_hesitate0.3_intended_hover0.07_aside0.4.hdf5")

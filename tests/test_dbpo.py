@@ -3,6 +3,7 @@ GAE, chunk env, smoke runs."""
 
 import copy
 import glob
+import json
 import math
 import os
 import subprocess
@@ -210,10 +211,14 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
            *flags]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*" / "dbpo.pt"))
-    for run in ("dbpo_pretrain", "dbpo_online"):  # the time limit reaches the pretraining and both evaluations
-        events, = glob.glob(str(tmp_path / "runs" / f"lift__{run}__1__*"))
-        assert {e.value for e in EventAccumulator(events).Reload().Scalars("eval/length")} == {60.0}
-    logged = EventAccumulator(events).Reload()  # events: dbpo_online's, the last of the loop above
+    # The pretraining gets the time limit and does not evaluate: iteration 0 evaluates the same weights.
+    pre, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_pretrain__1__*"))
+    assert json.load(open(os.path.join(pre, "args.json")))["max_episode_steps"] == 60
+    assert not [t for t in EventAccumulator(pre).Reload().Tags()["scalars"] if t.startswith("eval/")]
+    assert json.load(open(os.path.join(pre, "results.json")))["final_success"] is None
+    events, = glob.glob(str(tmp_path / "runs" / "lift__dbpo_online__1__*"))
+    logged = EventAccumulator(events).Reload()
+    assert [e.value for e in logged.Scalars("eval/length")] == [60.0, 60.0]  # iterations 0 and 2, at the time limit
     cosines = [e.value for e in logged.Scalars("charts/pg_split_cosine")]
     assert len(cosines) == 2 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per iteration
     if "--stop-iteration" in flags:  # stopped at 2, with the learning rate of a 6-iteration cosine schedule

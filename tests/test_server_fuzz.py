@@ -391,6 +391,30 @@ def test_sessions_do_not_disturb_each_other(server):
     a.close(), b.close(), c.close()
 
 
+def test_busy_poll_server_answers_the_same_and_stops(server):
+    """--busy-poll (the event loop spins instead of sleeping, for latency): the same answers, and a clean Ctrl-C."""
+    d = server["dir"] / "busy"
+    d.mkdir()
+    proc, port, log_path = start_server(str(server["dir"] / "dbp.pt"), str(d), "--busy-poll")
+    try:
+        answers = []
+        for p in (server["port"], port):
+            conn = ws(p)
+            conn.recv()
+            answers.append([])
+            for i in range(6):
+                conn.send(good_request(i))
+                answers[-1].append(msgpack_numpy.unpackb(conn.recv(timeout=20))["actions"])
+            conn.close()
+        np.testing.assert_array_equal(np.stack(answers[1]), np.stack(answers[0]))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, open(log_path).read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_server_stops_cleanly_on_ctrl_c(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGINT)
