@@ -18,7 +18,8 @@ recipe (demos, action noise, hesitation, labels); --data TASK=DEMOS,NOISE,HESITA
 missing set is generated before any run starts (one at a time) into common.DATA_DIR; the table names the recipes.
 
 Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the last evaluation of the
-offline phase, final_success = the final evaluation, over final_episodes episodes; steps; wall time),
+offline phase, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
+run's eval/success_rate as step:success pairs, so that the plot needs no run directory),
 offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, per task and method) and offline_to_online.png
 (eval/success_rate from each run's TensorBoard events against the step: the mean over seeds, a band of +- one
 std, and the switch as a dashed line).
@@ -45,7 +46,7 @@ DATA = {"lift": dict(num_demos=20, noise=0.3, hesitate=0.3, labels="executed"),
         "can": dict(num_demos=50, noise=0.2, hesitate=0.3, labels="executed"),
         "square": dict(num_demos=200, noise=0.1, hesitate=0.3, labels="intended")}
 FIELDS = ["task", "method", "seed", "switch_success", "final_success", "final_episodes", "gain", "steps",
-          "offline_steps", "online_steps", "wall_s", "data", "returncode", "run_dir", "command"]
+          "offline_steps", "online_steps", "wall_s", "data", "returncode", "run_dir", "command", "curve"]
 
 
 @dataclass
@@ -204,9 +205,11 @@ def summarize(rows) -> str:
 
 
 def curve(run_dir):
-    """(steps, success) of eval/success_rate in a run's TensorBoard events ([] if none)."""
+    """(steps, success) of eval/success_rate in a run's TensorBoard events ([] if none, or no such run dir)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not os.path.isdir(run_dir):
+        return [], []
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     if "eval/success_rate" not in acc.Tags()["scalars"]:
@@ -216,7 +219,21 @@ def curve(run_dir):
     return steps, [events[s] for s in steps]
 
 
-def plot(rows, work_dir, path):
+def fill_curves(rows, work_dir):
+    """Each row's curve column ("step:success ..."), read from its run's events where it is still empty: the CSV
+    keeps the curves, so the plot needs no run directory (runs of another machine, or deleted ones)."""
+    for r in rows:
+        if not r.get("curve") and r.get("run_dir"):
+            steps, values = curve(os.path.join(work_dir, r["run_dir"]))
+            r["curve"] = " ".join(f"{s}:{v:.4g}" for s, v in zip(steps, values))
+
+
+def parse_curve(text):
+    pairs = [p.split(":") for p in (text or "").split()]
+    return [int(s) for s, _ in pairs], [float(v) for _, v in pairs]
+
+
+def plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,7 +245,7 @@ def plot(rows, work_dir, path):
         switches = set()
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
             runs = [r for r in rows if (r["task"], r["method"]) == (task, method) and r["run_dir"]]
-            curves = [curve(os.path.join(work_dir, r["run_dir"])) for r in runs]
+            curves = [parse_curve(r.get("curve")) for r in runs]
             curves = [c for c in curves if c[0]]
             if not curves:
                 continue
@@ -254,12 +271,14 @@ def plot(rows, work_dir, path):
 
 
 def report(rows, args):
+    base = os.path.join(args.results_dir, "offline_to_online")
+    fill_curves(rows, os.path.abspath(args.launch.work_dir))
+    write_csv(rows, base + ".csv")
     table = summarize(rows)
     print("\n" + table)
-    base = os.path.join(args.results_dir, "offline_to_online")
     with open(base + ".md", "w") as f:
         f.write(table + "\n")
-    plot(rows, os.path.abspath(args.launch.work_dir), base + ".png")
+    plot(rows, base + ".png")
     print(f"wrote {base}.csv, {base}.md and {base}.png")
 
 
@@ -288,5 +307,4 @@ if __name__ == "__main__":
     if os.path.exists(csv_path):
         with open(csv_path) as f:
             others = [r for r in csv.DictReader(f) if (r["task"], r["method"], int(r["seed"])) not in keys]
-    write_csv(others + rows, csv_path)
     report(others + rows, args)

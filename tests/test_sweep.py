@@ -396,6 +396,10 @@ def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_pat
     assert (results / "offline_to_online.png").stat().st_size > 1000
     again = run(tiny)  # resumes: nothing to run, the same rows
     assert again.count(": finished (0 s)") == 2 and read_csv(results / "offline_to_online.csv")[1] == rows
+    for r in rows:  # the CSV keeps each run's curve: the periodic evaluations (--eval-every 20) of 70 steps
+        assert [int(p.split(":")[0]) for p in r["curve"].split()] == [20, 40, 60]
     os.remove(results / "offline_to_online.png")
+    shutil.rmtree(tmp_path / "runs")  # runs of another machine: the table and the curves come from the CSV alone
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results), "--work-dir", str(tmp_path)])
-    assert "| lift | dfp | 2 |" in out and (results / "offline_to_online.png").exists()
+    assert "| lift | dfp | 2 |" in out and (results / "offline_to_online.png").stat().st_size > 1000
+    assert read_csv(results / "offline_to_online.csv")[1] == rows
