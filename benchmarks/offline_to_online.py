@@ -41,8 +41,8 @@ ROOT, common = sweep.ROOT, sweep.common
 GRID = os.path.join(ROOT, "benchmarks", "grids", "offline_to_online.toml")
 # task -> generated data recipe. The default set (200 demos, noise 0.1, hesitation 0.3) took DFP's CPU preset to
 # 0.92 at the switch on lift, above the band, so these sets are smaller or noisier. Checked against the 10-70%
-# band (switch_success): lift (DFP and QC-FQL 0.34, seed 1) and square (DFP 0.10, QC-FQL 0.02: at its bottom);
-# can not yet. Replace a recipe with --data where it misses.
+# band (switch_success): lift (DFP and QC-FQL 0.34, seed 1) and square (DFP 0.40 and 0.48, seeds 1 and 2, with its
+# preset's temperatures; QC-FQL 0.02, below it); can not yet. Replace a recipe with --data where it misses.
 DATA = {"lift": dict(num_demos=20, noise=0.3, hesitate=0.3, labels="executed"),
         "can": dict(num_demos=50, noise=0.2, hesitate=0.3, labels="executed"),
         "square": dict(num_demos=200, noise=0.1, hesitate=0.3, labels="intended")}

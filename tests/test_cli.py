@@ -55,6 +55,12 @@ def test_the_readme_recipes_are_the_presets():
     assert (dfp.offline_steps, dfp.online_steps, dfp.hidden_dims, dfp.start_training, dfp.eval_every) == \
         (15_000, 10_000, (256, 256, 256), 1_000, 5_000)
     assert dfp.actor_init == "he" and dfp.normalize_obs and dfp.lambda_topk == 0.5
+    assert dfp.temperatures is None  # lift: the paper's Robomimic pair; square: the drifting models' three
+    _, dfp_square = resolve("dfp_offline_to_online.py", ["--preset", "cpu", "--env-id", "square"])
+    assert dfp_square.temperatures == (0.02, 0.05, 0.2) and dfp_square.offline_steps == dfp.offline_steps
+    _, paper_square = resolve("dfp_offline_to_online.py", ["--preset", "cpu", "--env-id", "square", "--temperatures",
+                                                           "0.005", "0.05"])
+    assert paper_square.temperatures == (0.005, 0.05)
     _, dbpo = resolve("dbpo_online.py", ["--preset", "cpu"])
     assert (dbpo.pretrain_steps, dbpo.num_envs, dbpo.num_steps, dbpo.stop_iteration, dbpo.sigma_init) == (6000, 16, 64, 80, 0.2)
     assert dbpo.chunk_baseline and not dbpo.clip_logprob_action and dbpo.clip_coef == 0.1 and dbpo.eval_every == 80
