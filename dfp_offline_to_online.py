@@ -112,7 +112,7 @@ class Args:
     eval_episodes: int = 50
     """episodes per periodic evaluation (final: final_eval_episodes)"""
     final_eval_episodes: int = 100
-    """episodes of the final evaluation"""
+    """episodes of the final evaluation and of the one at the switch to online"""
     num_eval_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
 
@@ -482,12 +482,15 @@ if __name__ == "__main__":
     checkpointing = common.Checkpointing(args.checkpoint_every_minutes)
 
     def maybe_evaluate(state):
-        """Evaluate and checkpoint at every --eval-every steps, at --first-eval, and at the end; checkpoint also
-        every --checkpoint-every-minutes and on a stop signal (then exit 75). Returns an offline evaluation's success."""
+        """Evaluate and checkpoint at every --eval-every steps, at --first-eval, at the switch and at the end;
+        checkpoint also every --checkpoint-every-minutes and on a stop signal (then exit 75). Returns an offline
+        evaluation's success."""
         offline_success = None
-        evaluate_now = global_step % args.eval_every == 0 or global_step == args.first_eval
+        at_switch = global_step == args.offline_steps and args.online_steps > 0  # as many episodes as the final one
+        evaluate_now = global_step % args.eval_every == 0 or global_step == args.first_eval or at_switch
         if evaluate_now:
-            result = common.evaluate(act_fn, args.env_id, args.eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+            episodes = args.final_eval_episodes if at_switch else args.eval_episodes
+            result = common.evaluate(act_fn, args.env_id, episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
             for key, v in result.items():
                 writer.add_scalar(f"eval/{key}", v, global_step)
             phase = "offline" if global_step <= args.offline_steps else "online"
@@ -507,7 +510,7 @@ if __name__ == "__main__":
                 writer.add_scalar(key, v.item(), global_step)
             writer.add_scalar("charts/SPS", progress.rates()[0], global_step)
         success = maybe_evaluate(snapshot)
-        switch_success = switch_success if success is None else success  # the last offline one: success at the switch
+        switch_success = switch_success if success is None else success  # the last offline one: the switch's
 
     # Switch: pi_old <- the actor (if not resuming mid-online). Online: collect with best-of-N', update, evaluate.
     if global_step == args.offline_steps:

@@ -20,9 +20,10 @@ missing set is generated before any run starts (one at a time) into common.DATA_
 Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the last evaluation of the
 offline phase, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
 run's eval/success_rate as step:success pairs, so that the plot needs no run directory),
-offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, per task and method) and offline_to_online.png
-(eval/success_rate from each run's TensorBoard events against the step: the mean over seeds, a band of +- one
-std, and the switch as a dashed line).
+offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, per task, data, --extra-flags and method: runs on
+different data or with other flags are never pooled, and such a run adds rows beside the old ones instead of
+replacing them) and offline_to_online.png (eval/success_rate against the step, one panel per task, data and flags:
+the mean over seeds, a band of +- one std, and the switch as a dashed line).
 """
 
 import csv
@@ -46,8 +47,9 @@ GRID = os.path.join(ROOT, "benchmarks", "grids", "offline_to_online.toml")
 DATA = {"lift": dict(num_demos=20, noise=0.3, hesitate=0.3, labels="executed"),
         "can": dict(num_demos=50, noise=0.2, hesitate=0.3, labels="executed"),
         "square": dict(num_demos=200, noise=0.1, hesitate=0.3, labels="intended")}
+COLORS = {"dfp": "C0", "qc-fql": "C1", "dfp-no-topk": "C2", "qc-bfn": "C3", "fql": "C4"}  # one colour per method
 FIELDS = ["task", "method", "seed", "switch_success", "final_success", "final_episodes", "gain", "steps",
-          "offline_steps", "online_steps", "wall_s", "data", "returncode", "run_dir", "command", "curve"]
+          "offline_steps", "online_steps", "wall_s", "data", "extra_flags", "returncode", "run_dir", "command", "curve"]
 
 
 @dataclass
@@ -156,7 +158,7 @@ def ensure_data(data: dict, rec: dict, given: bool):
                                              hesitate=r["hesitate"], labels=r["labels"])
 
 
-def row_of(cell, collected, described, work_dir, launch):
+def row_of(cell, collected, described, extra_flags, work_dir, launch):
     r, finished = collected, collected["status"] == "finished"
     run_dir = os.path.join(work_dir, r["run_dir"]) if r["run_dir"] else ""
     run_args = {}
@@ -169,9 +171,16 @@ def row_of(cell, collected, described, work_dir, launch):
                 final_success=number("final_success"), final_episodes=r["final_episodes"],
                 gain=round(number("final_success") - number("switch_success"), 4), steps=r["steps"],
                 offline_steps=run_args.get("offline_steps", ""), online_steps=run_args.get("online_steps", ""),
-                wall_s=round(number("wall_time_s"), 1), data=described[cell.env_id],
+                wall_s=round(number("wall_time_s"), 1), data=described[cell.env_id], extra_flags=extra_flags,
                 returncode=0 if finished else r.get("returncode", ""), run_dir=r["run_dir"],
                 command=" ".join([os.path.relpath(cmd[1], ROOT), *cmd[2:]]))
+
+
+def merge(old, new) -> list:
+    """The CSV's rows after a call: the old rows of other settings, methods and seeds as they were, then the new."""
+    key = lambda r: (*setting(r), r["method"], int(r["seed"]))
+    keys = {key(r) for r in new}
+    return [r for r in old if key(r) not in keys] + list(new)
 
 
 def write_csv(rows, path):
@@ -187,22 +196,33 @@ def summarize(rows) -> str:
         v = v[np.isfinite(v)]
         return f"{v.mean():.3f} +- {v.std():.3f}" if len(v) else "-"
 
-    lines = ["| task | method | runs | switch (offline) | final (online) | gain | final episodes | steps |",
-             "|---|---|---|---|---|---|---|---|"]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            sub = [r for r in rows if (r["task"], r["method"]) == (task, method)]
+    lines = ["| task | data | extra flags | method | runs | switch (offline) | final (online) | gain | final episodes "
+             "| steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for group in groups(rows):  # runs on different data or with different flags are never pooled
+        for method in dict.fromkeys(r["method"] for r in rows if setting(r) == group):
+            sub = [r for r in rows if setting(r) == group and r["method"] == method]
             ok = [r for r in sub if str(r["returncode"]) == "0"]
             runs = f"{len(ok)}" + (f" ({len(sub) - len(ok)} not finished)" if len(ok) < len(sub) else "")
             episodes = ", ".join(sorted({str(r["final_episodes"]) for r in ok})) or "-"
             steps = ", ".join(sorted({str(r["steps"]) for r in ok})) or "-"
-            lines.append(f"| {task} | {method} | {runs} | {stat(r['switch_success'] for r in ok)} | "
-                         f"{stat(r['final_success'] for r in ok)} | {stat(r['gain'] for r in ok)} | {episodes} | {steps} |")
-    lines.append("\nData per task: " + "; ".join(f"{t}: {d}" for t, d in
-                                                 dict.fromkeys((r["task"], r["data"]) for r in rows)) + ".")
-    lines.append("switch = the last evaluation of the offline phase; final = the final evaluation; mean +- std over "
-                 "seeds (ddof = 0).")
+            task, data, flags = group
+            success = " | ".join(stat(r[key] for r in ok) for key in ("switch_success", "final_success", "gain"))
+            lines.append(f"| {task} | {data} | {flags or '-'} | {method} | {runs} | {success} | {episodes} | {steps} |")
+    lines.append("\nswitch = the evaluation at the switch to online (the last offline one); final = the final "
+                 "evaluation; mean +- std over seeds (ddof = 0).")
     return "\n".join(lines)
+
+
+def setting(row) -> tuple:
+    """What a run was trained on and with, besides its method and seed: (task, data, extra flags)."""
+    return row["task"], row["data"], row.get("extra_flags") or ""
+
+
+def groups(rows) -> list:
+    """The settings of the rows, task by task (lift, can, square), each task's in order of first appearance: one
+    table block and one plot panel each."""
+    order = {task: i for i, task in enumerate(DATA)}
+    return sorted(dict.fromkeys(setting(r) for r in rows), key=lambda group: order.get(group[0], len(order)))
 
 
 def curve(run_dir):
@@ -240,12 +260,16 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    panels = groups(rows)
+    n_cols = min(3, len(panels))
+    n_rows = -(-len(panels) // n_cols)  # three panels a row
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5.5 * n_cols, 4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, group in zip(axes.flat, panels):
         switches = set()
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            runs = [r for r in rows if (r["task"], r["method"]) == (task, method) and r["run_dir"]]
+        for method in dict.fromkeys(r["method"] for r in rows if setting(r) == group):
+            runs = [r for r in rows if setting(r) == group and r["method"] == method and r["run_dir"]]
             curves = [parse_curve(r.get("curve")) for r in runs]
             curves = [c for c in curves if c[0]]
             if not curves:
@@ -256,7 +280,7 @@ def plot(rows, path):
             values = np.array([[dict(zip(s, v))[t] for t in common_steps] for s, v in curves])
             mean, std = values.mean(0), values.std(0)
             seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
-            line, = ax.plot(common_steps, mean, marker=".", label=f"{method} ({seeds})")
+            line, = ax.plot(common_steps, mean, marker=".", color=COLORS.get(method), label=f"{method} ({seeds})")
             ax.fill_between(common_steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             switches |= {int(r["offline_steps"]) for r in runs if str(r["offline_steps"]).isdigit()}
         for s in switches:
@@ -264,7 +288,7 @@ def plot(rows, path):
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step (offline, then online after the dashed line)")
         ax.set_ylabel("success rate")
-        ax.set_title(task)
+        ax.set_title(": ".join(filter(None, group)), fontsize=8)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -301,11 +325,10 @@ if __name__ == "__main__":
             print("when the jobs have ended, run the same command again: it keeps the finished runs and draws the table")
         sys.exit(0)
     work_dir = os.path.abspath(args.launch.work_dir)
-    rows = [row_of(c, r, described, work_dir, args.launch) for c, r in zip(cells, collected)]
+    rows = [row_of(c, r, described, args.extra_flags, work_dir, args.launch) for c, r in zip(cells, collected)]
     os.makedirs(args.results_dir, exist_ok=True)
-    keys = {(c.env_id, c.method, c.seed) for c in cells}
-    others = []  # other tasks, methods and seeds of earlier calls: kept as they are
+    old = []
     if os.path.exists(csv_path):
         with open(csv_path) as f:
-            others = [r for r in csv.DictReader(f) if (r["task"], r["method"], int(r["seed"])) not in keys]
-    report(others + rows, args)
+            old = list(csv.DictReader(f))
+    report(merge(old, rows), args)

@@ -103,12 +103,14 @@ def test_actor_init_sets_the_weight_scale():
 def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
     cmd = [sys.executable, os.path.join(ROOT, "dfp_offline_to_online.py"), "--env-id", "lift",
            "--dataset-path", robomimic_lift_file, "--offline-steps", "30", "--online-steps", "40", "--start-training",
-           "10", "--eval-every", "30", "--eval-episodes", "2", "--final-eval-episodes", "2", "--batch-size", "16",
+           "10", "--eval-every", "20", "--eval-episodes", "1", "--final-eval-episodes", "2", "--batch-size", "16",
            "--hidden-dims", "32", "32", "--gen-per-obs", "4", "--pool-size", "4", "--normalize-obs"]
     subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600)
     path, = glob.glob(str(tmp_path / "runs" / "lift__dfp_offline_to_online__1__*" / "dfp.pt"))
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 70 and len(ckpt["replay_online"]["rewards"]) == 40
+    from test_resume import scalars  # evaluations every 20 steps, and at the switch (30) with the final one's episodes
+    assert scalars(os.path.dirname(path))["eval/episodes"] == [(20, 1), (30, 2), (40, 1), (60, 1)]
     obs, z = np.random.rand(2, 19).astype(np.float32), np.random.randn(2, 4, 35).astype(np.float32)
     policy = common.load_policy(path)  # best-of-N' (N' = 4 on Robomimic) with the saved critic
     a = policy.act(obs, z)

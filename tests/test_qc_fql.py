@@ -352,7 +352,7 @@ def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file, actor,
     assert results["steps"] == 120 and results["final_episodes"] == 1 and results["variant"] == name
     tags = scalars(run_dir)
     assert "losses/bc_flow" in tags and ("losses/distill" in tags) == (actor == "distill-ddpg")
-    assert [s for s, _ in tags["eval/success_rate"]] == [60, 120] and "eval/final_success_rate" in tags
+    assert [s for s, _ in tags["eval/success_rate"]] == [20, 60, 120] and "eval/final_success_rate" in tags  # 20: the switch
     check_reload(os.path.join(run_dir, "qc_fql.pt"), robomimic_lift_file, tmp_path, actor, H, 4)
 
 

@@ -367,6 +367,30 @@ def test_slurm_tiny_grid_with_a_preempted_job(tmp_path, robomimic_lift_file, slu
 # ----------------------------------------------------------------------------------------------
 # benchmarks/offline_to_online.py: the DFP comparison grid, through the runner (DFP only: no baseline needed)
 # ----------------------------------------------------------------------------------------------
+def table_row(table, data, method, runs):
+    """Whether the benchmark's table has a line for this data and method with this many finished runs."""
+    return any(l.startswith(f"| lift | {data} |") and f"| {method} | {runs} |" in l for l in table.splitlines())
+
+
+def test_offline_to_online_table_never_pools_other_data_or_flags():
+    import offline_to_online as o2o
+
+    base = dict(task="square", data="200 demos", method="dfp", seed="1", switch_success="0.4", final_success="0.2",
+                gain="-0.2", final_episodes="100", steps="25000", returncode="0")  # a CSV row written before flags
+    old = [base, {**base, "extra_flags": "", "seed": "2", "switch_success": "0.5", "final_success": "0.4"}]
+    longer = {**base, "extra_flags": "--online-steps 20000", "steps": "35000", "final_success": "0.6"}
+    rows = o2o.merge(old, [longer])
+    assert rows == old + [longer]  # the same method and seed with other flags: beside seed 1's row, not instead
+    rows = o2o.merge(rows, [{**longer, "final_success": "0.7"}])  # the same setting, method and seed: replaced
+    assert len(rows) == 3 and rows[-1]["final_success"] == "0.7"
+    rows = o2o.merge(rows, [{**base, "data": "50 demos"}])  # other data: beside
+    assert len(rows) == 4
+    table = o2o.summarize(rows)
+    assert "| square | 200 demos | - | dfp | 2 | 0.450 +- 0.050 | 0.300 +- 0.100 |" in table
+    assert "| square | 200 demos | --online-steps 20000 | dfp | 1 | 0.400 +- 0.000 | 0.700 +- 0.000 |" in table
+    assert "| square | 50 demos | - | dfp | 1 | 0.400 +- 0.000 | 0.200 +- 0.000 |" in table
+
+
 def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_path, robomimic_lift_file):
     script = os.path.join(ROOT, "benchmarks", "offline_to_online.py")
     results = tmp_path / "results"
@@ -392,14 +416,23 @@ def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_pat
         assert (r["steps"], r["offline_steps"], r["final_episodes"]) == ("70", "30", "1")
         assert float(r["gain"]) == pytest.approx(float(r["final_success"]) - float(r["switch_success"]))
     table = (results / "offline_to_online.md").read_text()
-    assert "| lift | dfp | 2 |" in table and robomimic_lift_file in table  # the data is named beside the table
+    assert table_row(table, robomimic_lift_file, "dfp", 2)  # the data is named in the table
     assert (results / "offline_to_online.png").stat().st_size > 1000
     again = run(tiny)  # resumes: nothing to run, the same rows
     assert again.count(": finished (0 s)") == 2 and read_csv(results / "offline_to_online.csv")[1] == rows
-    for r in rows:  # the CSV keeps each run's curve: the periodic evaluations (--eval-every 20) of 70 steps
-        assert [int(p.split(":")[0]) for p in r["curve"].split()] == [20, 40, 60]
+    for r in rows:  # the CSV keeps each run's curve: the periodic evaluations (--eval-every 20), and the switch at 30
+        assert [int(p.split(":")[0]) for p in r["curve"].split()] == [20, 30, 40, 60]
+    other_data = str(tmp_path / "other_lift.hdf5")  # the same method and seed on other data: a row beside, not instead
+    shutil.copy(robomimic_lift_file, other_data)
+    seeds = tiny.index("--seeds")
+    run([*tiny[:seeds], "--seeds", "1", *[other_data if a == robomimic_lift_file else a for a in tiny[seeds + 3:]]])
+    rows = read_csv(results / "offline_to_online.csv")[1]
+    assert [(r["seed"], r["data"]) for r in rows] == [("1", robomimic_lift_file), ("2", robomimic_lift_file),
+                                                      ("1", other_data)]
+    table = (results / "offline_to_online.md").read_text()
+    assert table_row(table, robomimic_lift_file, "dfp", 2) and table_row(table, other_data, "dfp", 1)
     os.remove(results / "offline_to_online.png")
     shutil.rmtree(tmp_path / "runs")  # runs of another machine: the table and the curves come from the CSV alone
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results), "--work-dir", str(tmp_path)])
-    assert "| lift | dfp | 2 |" in out and (results / "offline_to_online.png").stat().st_size > 1000
+    assert table_row(out, other_data, "dfp", 1) and (results / "offline_to_online.png").stat().st_size > 1000
     assert read_csv(results / "offline_to_online.csv")[1] == rows
