@@ -17,8 +17,8 @@ policy lands between 10% and 70% success and the online phase has room to show i
 recipe (demos, action noise, hesitation, labels); --data TASK=DEMOS,NOISE,HESITATE[,LABELS] replaces one. A
 missing set is generated before any run starts (one at a time) into common.DATA_DIR; the table names the recipes.
 
-Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the last evaluation of the
-offline phase, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
+Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the evaluation at the
+switch to online, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
 run's eval/success_rate as step:success pairs, so that the plot needs no run directory),
 offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, per task, data, --extra-flags and method: runs on
 different data or with other flags are never pooled, and such a run adds rows beside the old ones instead of
