@@ -42,12 +42,14 @@ ROOT, common = sweep.ROOT, sweep.common
 GRID = os.path.join(ROOT, "benchmarks", "grids", "offline_to_online.toml")
 # task -> generated data recipe. The default set (200 demos, noise 0.1, hesitation 0.3) took DFP's CPU preset to
 # 0.92 at the switch on lift, above the band, so these sets are smaller or noisier. Checked against the 10-70%
-# band (switch_success): lift (DFP and QC-FQL 0.34, seed 1) and square (DFP 0.40 and 0.48, seeds 1 and 2, with its
-# preset's temperatures; QC-FQL 0.02, below it); can not yet. Replace a recipe with --data where it misses.
+# band (switch_success): lift (DFP and QC-FQL 0.34, seed 1), can (DFP 0.18, QC-FQL 0.33, seed 1) and square (DFP
+# 0.40 and 0.48, seeds 1 and 2, with its preset's temperatures; QC-FQL 0.02, below it). Replace a recipe with --data
+# where it misses.
 DATA = {"lift": dict(num_demos=20, noise=0.3, hesitate=0.3, labels="executed"),
         "can": dict(num_demos=50, noise=0.2, hesitate=0.3, labels="executed"),
         "square": dict(num_demos=200, noise=0.1, hesitate=0.3, labels="intended")}
-COLORS = {"dfp": "C0", "qc-fql": "C1", "dfp-no-topk": "C2", "qc-bfn": "C3", "fql": "C4"}  # one colour per method
+# one colour per method; the table and the legends list methods in this order
+COLORS = {"dfp": "C0", "dfp-no-topk": "C2", "qc-fql": "C1", "qc-bfn": "C3", "fql": "C4"}
 FIELDS = ["task", "method", "seed", "switch_success", "final_success", "final_episodes", "gain", "steps",
           "offline_steps", "online_steps", "wall_s", "data", "extra_flags", "returncode", "run_dir", "command", "curve"]
 
@@ -199,7 +201,7 @@ def summarize(rows) -> str:
     lines = ["| task | data | extra flags | method | runs | switch (offline) | final (online) | gain | final episodes "
              "| steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for group in groups(rows):  # runs on different data or with different flags are never pooled
-        for method in dict.fromkeys(r["method"] for r in rows if setting(r) == group):
+        for method in methods_of(rows, group):
             sub = [r for r in rows if setting(r) == group and r["method"] == method]
             ok = [r for r in sub if str(r["returncode"]) == "0"]
             runs = f"{len(ok)}" + (f" ({len(sub) - len(ok)} not finished)" if len(ok) < len(sub) else "")
@@ -223,6 +225,12 @@ def groups(rows) -> list:
     table block and one plot panel each."""
     order = {task: i for i, task in enumerate(DATA)}
     return sorted(dict.fromkeys(setting(r) for r in rows), key=lambda group: order.get(group[0], len(order)))
+
+
+def methods_of(rows, group) -> list:
+    """The methods run in one setting, in COLORS' order (others after them, in order of first appearance)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows if setting(r) == group))
+    return sorted(methods, key=lambda m: list(COLORS).index(m) if m in COLORS else len(COLORS) + methods.index(m))
 
 
 def curve(run_dir):
@@ -268,7 +276,7 @@ def plot(rows, path):
         ax.set_visible(False)
     for ax, group in zip(axes.flat, panels):
         switches = set()
-        for method in dict.fromkeys(r["method"] for r in rows if setting(r) == group):
+        for method in methods_of(rows, group):
             runs = [r for r in rows if setting(r) == group and r["method"] == method and r["run_dir"]]
             curves = [parse_curve(r.get("curve")) for r in runs]
             curves = [c for c in curves if c[0]]

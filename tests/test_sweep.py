@@ -389,6 +389,11 @@ def test_offline_to_online_table_never_pools_other_data_or_flags():
     assert "| square | 200 demos | - | dfp | 2 | 0.450 +- 0.050 | 0.300 +- 0.100 |" in table
     assert "| square | 200 demos | --online-steps 20000 | dfp | 1 | 0.400 +- 0.000 | 0.700 +- 0.000 |" in table
     assert "| square | 50 demos | - | dfp | 1 | 0.400 +- 0.000 | 0.200 +- 0.000 |" in table
+    # methods in a fixed order within a setting, whatever order their runs finished in
+    mixed = [{**base, "method": m} for m in ("fql", "my-method", "qc-fql", "dfp-no-topk", "dfp")]
+    assert o2o.methods_of(mixed, o2o.setting(base)) == ["dfp", "dfp-no-topk", "qc-fql", "fql", "my-method"]
+    lines = [line for line in o2o.summarize(mixed).splitlines() if line.startswith("| square")]
+    assert [line.split(" | ")[3] for line in lines] == ["dfp", "dfp-no-topk", "qc-fql", "fql", "my-method"]
 
 
 def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_path, robomimic_lift_file):
