@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import common  # light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
+import environments
 
 
 @dataclass
@@ -113,9 +114,9 @@ class Args:
 # can / square use DART labels (--labels intended) with a larger learning rate; their data is generated on first use.
 PRESETS = {"cpu": {
     "lift": dict(total_steps=20_000, eval_every=5_000),
-    "can": dict(dataset_path=common.generated_robomimic_path("can", 500, 0.1, 0.3, "intended", (0.07, 0.4)),
+    "can": dict(dataset_path=environments.generated_robomimic_path("can", 500, 0.1, 0.3, "intended", (0.07, 0.4)),
                 learning_rate=1e-3, max_episode_steps=400, total_steps=40_000, eval_every=10_000),
-    "square": dict(dataset_path=common.generated_robomimic_path("square", 200, 0.1, 0.3, "intended"),
+    "square": dict(dataset_path=environments.generated_robomimic_path("square", 200, 0.1, 0.3, "intended"),
                    learning_rate=1e-3, total_steps=20_000, eval_every=5_000),
 }}
 # Flags that may change on --resume (the rest define the run and must not).
@@ -315,7 +316,7 @@ def sequence_indices(terminals, n_obs_steps, horizon):
 if __name__ == "__main__":
     if not args.resume and args.loss == "mse" and args.exp_name == "dbp_bc":
         args.exp_name = "dbp_bc_mse"  # the variant shows in the run name
-    common.check_env_id(args.env_id)
+    environments.check_env_id(args.env_id)
     common.require_positive(args, "total_steps", "batch_size", "gen_per_obs", "learning_rate", "warmup_steps", "eval_every",
                             "num_eval_envs", "n_obs_steps", "horizon",
                             "n_action_steps", "max_episode_steps", "checkpoint_every_minutes", "threads")
@@ -333,7 +334,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Data: (observation history, demo chunk) pairs, indexed once, sampled on the device.
-    data = common.load_dataset(args.env_id, args.dataset_path)
+    data = environments.load_dataset(args.env_id, args.dataset_path)
     args.dataset_path = data["dataset_path"]  # args.json records the file actually used
     obs_idx, act_idx = sequence_indices(data["terminals"], args.n_obs_steps, args.horizon)
     obs_all = torch.as_tensor(data["observations"], device=device)
@@ -415,7 +416,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
             writer.add_scalar("charts/SPS", progress.rates()[0], step)  # training steps/s, evaluations excluded
         if args.eval_episodes and (step % args.eval_every == 0 or step == args.total_steps):
-            result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
+            result = environments.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
                                      num_envs=args.num_eval_envs, max_episode_steps=args.max_episode_steps)
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, step)
@@ -429,11 +430,11 @@ if __name__ == "__main__":
     progress.close()
 
     # Final evaluation of the final and the best checkpoint, on seeds the periodic evaluation never used.
-    final_seed, final = common.EVAL_SEED_OFFSET + 50_000, {}
+    final_seed, final = environments.EVAL_SEED_OFFSET + 50_000, {}
     tags = ("final", "best") if args.save_model and args.eval_episodes else ("final",)
     for tag in tags if args.final_eval_episodes else ():
         eval_policy = ema_policy if tag == "final" else common.load_policy(os.path.join(run_dir, "dbp_best.pt"), device)
-        final[tag] = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
+        final[tag] = environments.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
                                      args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
                                      max_episode_steps=args.max_episode_steps)
         writer.add_scalar(f"eval/{tag}_success_rate", final[tag]["success_rate"], args.total_steps)
@@ -444,6 +445,6 @@ if __name__ == "__main__":
                          best_success=final["best"]["success_rate"] if "best" in final else None,
                          wall_time_s=time.time() - t_start)
     if args.capture_video:
-        common.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
+        environments.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
                             args.n_obs_steps, args.n_action_steps, max_episode_steps=args.max_episode_steps)
     writer.close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import common  # light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
+import environments
 
 
 @dataclass
@@ -309,7 +310,7 @@ def pretrain_dbp(args):
 
 
 if __name__ == "__main__":
-    common.check_env_id(args.env_id)
+    environments.check_env_id(args.env_id)
     common.require_positive(args, "num_iterations", "stop_iteration", "num_envs", "num_steps", "update_epochs",
                             "minibatch_size", "pretrain_steps", "clip_coef", "lr_warmup_iters", "eval_every",
                             "eval_episodes", "num_eval_envs", "sigma_init", "sigma_min", "sigma_max", "max_episode_steps",
@@ -318,7 +319,7 @@ if __name__ == "__main__":
                    f"--stop-iteration {args.stop_iteration} is past --num-iterations {args.num_iterations}")
     common.require(args.sigma_min <= args.sigma_init <= args.sigma_max,
                    f"need --sigma-min <= --sigma-init <= --sigma-max, not {args.sigma_min}, {args.sigma_init}, {args.sigma_max}")
-    common.require(not args.reward_shaping or args.env_id in common.ROBOMIMIC_TASKS,
+    common.require(not args.reward_shaping or args.env_id in environments.ROBOMIMIC_TASKS,
                    "--reward-shaping needs a Robomimic task (lift, can, square): it uses robosuite's dense reward")
     if args.checkpoint:
         base = common.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
@@ -375,7 +376,7 @@ if __name__ == "__main__":
         return path
 
     def evaluate(iteration):  # deterministic: a = f(z, s) with a fresh z and sigma off, one call
-        result = common.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs,
+        result = environments.evaluate(policy.act, args.env_id, args.eval_episodes, To, Ta, num_envs=args.num_eval_envs,
                                  max_episode_steps=args.max_episode_steps)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, iteration)
@@ -393,7 +394,7 @@ if __name__ == "__main__":
     shaping_gamma = args.gamma if args.reward_shaping else None
     # A resume starts fresh episodes: robosuite's controller state cannot be restored, so the interrupted episodes
     # end at the checkpoint (the rollout buffer holds one iteration, so nothing is spliced; docs/dbpo_online.md).
-    envs = common.make_vec_env(args.env_id, args.num_envs, args.seed + 1000 * start_iter, max_episode_steps=args.max_episode_steps,
+    envs = environments.make_vec_env(args.env_id, args.num_envs, args.seed + 1000 * start_iter, max_episode_steps=args.max_episode_steps,
                                wrapper=lambda env: ChunkEnv(env, To, Ta, shaping_gamma), **shaping_kw)
     N, T = args.num_envs, args.num_steps
     obs_buf = torch.zeros(T, N, To, policy.obs_dim, device=device)
@@ -506,6 +507,6 @@ if __name__ == "__main__":
                          final_episodes=args.eval_episodes, switch_success=pretrained_success,
                          wall_time_s=time.time() - t_start)
     if args.capture_video:
-        common.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta,
+        environments.record_video(policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), To, Ta,
                             max_episode_steps=args.max_episode_steps)
     writer.close()

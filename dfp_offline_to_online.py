@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import common  # light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
+import environments
 
 
 @dataclass
@@ -367,8 +368,8 @@ class ReplayBuffer:
 if __name__ == "__main__":
     if not args.resume and args.lambda_topk == 0 and args.exp_name == "dfp_offline_to_online":
         args.exp_name = "dfp_offline_to_online_lambda0"  # the ablation shows in the run name
-    common.check_env_id(args.env_id)
-    robomimic = args.env_id in common.ROBOMIMIC_TASKS
+    environments.check_env_id(args.env_id)
+    robomimic = args.env_id in environments.ROBOMIMIC_TASKS
     # Per-benchmark hyperparameters of the paper's Table 5 (the released YAML uses K 4, N' 16, temps (0.1,)).
     args.k = (2 if robomimic else 4) if args.k is None else args.k
     args.n_best = (4 if robomimic else 16) if args.n_best is None else args.n_best
@@ -392,7 +393,7 @@ if __name__ == "__main__":
     env_kwargs = {} if robomimic else {"success_timing": args.success_timing}
 
     # Data. Robomimic: reward r - 1 in {-1, 0}, episodes end at success (QC / DFP); OGBench: the env's reward.
-    data = common.load_dataset(args.env_id, args.dataset_path)
+    data = environments.load_dataset(args.env_id, args.dataset_path)
     args.dataset_path = data["dataset_path"]  # args.json records the file actually used
     common.require(len(data["observations"]) >= args.horizon, f"the dataset has fewer transitions than --horizon {args.horizon}")
     if robomimic:
@@ -411,7 +412,7 @@ if __name__ == "__main__":
     buffer = ReplayBuffer(data, capacity=len(data["observations"]) + args.online_steps)
     print(f"{args.env_id}: {buffer.size} offline transitions from {data['dataset_path']}")
 
-    env = common.make_env(args.env_id, args.seed, **env_kwargs)
+    env = environments.make_env(args.env_id, args.seed, **env_kwargs)
     obs_dim, action_dim, H = env.observation_space.shape[0], env.action_space.shape[0], args.horizon
     S = H * action_dim
     actor = Actor(obs_dim, S, args.hidden_dims, args.actor_init).to(device)
@@ -490,7 +491,7 @@ if __name__ == "__main__":
         evaluate_now = global_step % args.eval_every == 0 or global_step == args.first_eval or at_switch
         if evaluate_now:
             episodes = args.final_eval_episodes if at_switch else args.eval_episodes
-            result = common.evaluate(act_fn, args.env_id, episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+            result = environments.evaluate(act_fn, args.env_id, episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
             for key, v in result.items():
                 writer.add_scalar(f"eval/{key}", v, global_step)
             phase = "offline" if global_step <= args.offline_steps else "online"
@@ -548,7 +549,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/success", float(ep_success), global_step)
     progress.close()
 
-    result = common.evaluate(act_fn, args.env_id, args.final_eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+    result = environments.evaluate(act_fn, args.env_id, args.final_eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
     for key, v in result.items():
         writer.add_scalar(f"eval/final_{key}", v, global_step)
     print(f"final: success {result['success_rate']:.3f} over {result['episodes']} episodes")
@@ -557,6 +558,6 @@ if __name__ == "__main__":
     common.write_results(run_dir, args, "dfp_offline_to_online", steps=global_step, final_success=result["success_rate"],
                          final_episodes=result["episodes"], switch_success=switch_success, wall_time_s=time.time() - t_start)
     if args.capture_video:
-        common.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), 1, H)
+        environments.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), 1, H)
     env.close()
     writer.close()

@@ -9,7 +9,7 @@
     python make_datasets.py ogbench --name cube-double-play-v0 --full   # the official size (1000 + 100)
     python make_datasets.py download --name cube-double-play-v0    # the official OGBench files (needs internet)
 
-`common.load_dataset` calls `generate_default` on first use and caches the result in
+`environments.load_dataset` calls `generate_default` on first use and caches the result in
 ~/.cache/drifting-policies (override with $DRIFT_DATA_DIR).
 
 Robomimic: demos from the privileged-state experts of `scripted_experts.py`, one random strategy per
@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-import common
+import environments
 
 P_STACK = {2: (0.0, 0.25), 3: (0.05, 0.35), 4: (0.1, 0.5)}  # OGBench's per-episode stacking probability range
 OGBENCH_CUBES = {"double": 2, "triple": 3, "quadruple": 4}
@@ -93,7 +93,7 @@ _worker_env = None
 
 def _init_robomimic_worker(task):
     global _worker_env
-    _worker_env = common.make_env(task, seed=0)
+    _worker_env = environments.make_env(task, seed=0)
 
 
 def _robomimic_episode(job):
@@ -106,7 +106,7 @@ def _robomimic_episode(job):
     env.reset(seed=seed)
     expert = make_expert(task, np.random.default_rng(seed), noise=noise, hesitate=hesitate, **clearance)
     strategy = expert.reset(rs_env)
-    keys = [("object-state" if k == "object" else k) for k in common.LOW_DIM_KEYS]
+    keys = [("object-state" if k == "object" else k) for k in environments.LOW_DIM_KEYS]
     ep = {"obs": [], "next_obs": [], "actions": [], "executed_actions": [], "rewards": [], "states": []}
     done, success = False, False
     while not done:
@@ -125,9 +125,9 @@ def _robomimic_episode(job):
     return ep
 
 
-def generate_robomimic(task: str, path: str | None = None, num_demos: int = common.GENERATED_ROBOMIMIC["num_demos"],
-                       noise: float = common.GENERATED_ROBOMIMIC["noise"],
-                       hesitate: float = common.GENERATED_ROBOMIMIC["hesitate"], seed: int = 0,
+def generate_robomimic(task: str, path: str | None = None, num_demos: int = environments.GENERATED_ROBOMIMIC["num_demos"],
+                       noise: float = environments.GENERATED_ROBOMIMIC["noise"],
+                       hesitate: float = environments.GENERATED_ROBOMIMIC["hesitate"], seed: int = 0,
                        num_workers: int = 2, labels: Literal["executed", "intended"] = "executed",
                        hover: float | None = None, aside_descent: float | None = None) -> dict:
     """Scripted demos for `task` in Robomimic's hdf5 layout; keeps the first `num_demos` successes.
@@ -138,16 +138,16 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
     have done in the same state, as in DART; the executed actions are kept in `executed_actions`). hover,
     aside_descent: the side grasp's clearance (see scripted_experts.make_expert; None: its default); a
     non-default value goes into the file name. Initial-state seeds are
-    seed, seed + 1, ...; evaluation uses seeds from common.EVAL_SEED_OFFSET on, so they never overlap.
+    seed, seed + 1, ...; evaluation uses seeds from environments.EVAL_SEED_OFFSET on, so they never overlap.
     """
-    common.check_env_id(task)
-    assert task in common.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
+    environments.check_env_id(task)
+    assert task in environments.ROBOMIMIC_TASKS, f"{task} is not a Robomimic task"
     from scripted_experts import ASIDE_DESCENT, HOVER, make_expert
 
     clearance = dict(hover=HOVER if hover is None else hover, aside_descent=ASIDE_DESCENT if aside_descent is None else aside_descent)
     make_expert(task, np.random.default_rng(seed), **clearance)  # a bad option fails here, not in a worker
     custom = tuple(clearance.values()) if tuple(clearance.values()) != (HOVER, ASIDE_DESCENT) else None
-    path = path or common.generated_robomimic_path(task, num_demos, noise, hesitate, labels, custom)
+    path = path or environments.generated_robomimic_path(task, num_demos, noise, hesitate, labels, custom)
     episodes, next_seed = [], seed
     with _pool(_init_robomimic_worker, (task,), num_workers) as pool, \
             tqdm(total=num_demos, desc=f"{task} demos", unit="demo") as bar:
@@ -162,7 +162,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
     episodes.sort(key=lambda e: e["seed"])
     expert_success = float(np.mean([e["success"] for e in episodes]))
     demos = [e for e in episodes if e["success"]][:num_demos]
-    env_kwargs = common.robomimic_env_kwargs(task)
+    env_kwargs = environments.robomimic_env_kwargs(task)
     env_args = {"env_name": env_kwargs.pop("env_name"), "type": 1, "env_version": env_kwargs.pop("robosuite_version"),
                 "env_kwargs": env_kwargs}
 
@@ -180,7 +180,7 @@ def generate_robomimic(task: str, path: str | None = None, num_demos: int = comm
                 g.attrs.update(num_samples=len(d["actions"]), model_file=d["model_file"], seed=d["seed"],
                                strategy=json.dumps(d["strategy"]))
                 for name in ("obs", "next_obs"):
-                    for key, arr in zip(common.LOW_DIM_KEYS, d[name]):
+                    for key, arr in zip(environments.LOW_DIM_KEYS, d[name]):
                         g.create_dataset(f"{name}/{key}", data=arr.astype(np.float64))
                 g.create_dataset("actions", data=d["actions"])
                 g.create_dataset("executed_actions", data=d["executed_actions"])
@@ -249,7 +249,7 @@ def generate_ogbench(name: str = "cube-double-play-v0", path: str | None = None,
     size = name.split("-")[1]
     assert name == f"cube-{size}-play-v0" and size in OGBENCH_CUBES, f"expected cube-{{double,triple,quadruple}}-play-v0, got {name}"
     num_episodes = num_episodes or (OGBENCH_FULL_EPISODES[size] if full else DEFAULT_OGBENCH_EPISODES)
-    path = path or os.path.join(common.DATA_DIR, "ogbench", f"{name}.npz")
+    path = path or os.path.join(environments.DATA_DIR, "ogbench", f"{name}.npz")
     num_val = max(1, num_episodes // 10)
     jobs = [(OGBENCH_CUBES[size], s) for s in range(seed, seed + num_episodes + num_val)]
     with _pool(_init_ogbench_worker, (name,), num_workers) as pool:
@@ -275,14 +275,14 @@ def download(name: str = "cube-double-play-v0") -> None:
 
 
 def generate_default(env_id: str, path: str) -> None:
-    """Called by common.load_dataset when no official data is present: generate and cache the default set."""
-    if env_id in common.ROBOMIMIC_TASKS:
+    """Called by environments.load_dataset when no official data is present: generate and cache the default set."""
+    if env_id in environments.ROBOMIMIC_TASKS:
         print(f"[data] No Robomimic file at ~/.robomimic/{env_id}/mh/low_dim_v15.hdf5: generating 200 scripted "
               f"multimodal demos of an imperfect operator for {env_id!r} locally (a few minutes, once) and caching "
               f"them at {path}")
         generate_robomimic(env_id, path)
     else:
-        name = common.ogbench_dataset_name(env_id)
+        name = environments.ogbench_dataset_name(env_id)
         print(f"[data] No official OGBench file at ~/.ogbench/data/{name}.npz: generating {DEFAULT_OGBENCH_EPISODES} "
               f"oracle play episodes locally (about 3 minutes, once) and caching them at {path}. "
               f"For the official data: python make_datasets.py download --name {name}")

@@ -480,7 +480,7 @@ def run_episode(env, experts: list[Expert], seed: int, blend_key: str | None = N
 
 
 if __name__ == "__main__":
-    import common
+    import environments
 
     parser = argparse.ArgumentParser(description="Success rate of the scripted experts (or of a blend of two).")
     parser.add_argument("--task", choices=sorted(EXPERTS), default="lift")
@@ -492,7 +492,7 @@ if __name__ == "__main__":
                         help="execute the mean action of two experts whose strategies differ in KEY (default: any choice)")
     args = parser.parse_args()
 
-    env = common.make_env(args.task, args.seed)
+    env = environments.make_env(args.task, args.seed)
     blend_key = None if args.blend in (None, "any") else args.blend
     if blend_key is not None and blend_key not in EXPERTS[args.task].CHOICES:
         parser.error(f"--blend KEY for {args.task} is one of {list(EXPERTS[args.task].CHOICES)}")

@@ -34,8 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common.py and environments.py
 import common  # noqa: E402  (light: numpy and gymnasium; torch is imported after the arguments are parsed)
+import environments  # noqa: E402
 
 
 @dataclass
@@ -330,7 +331,7 @@ def sequence_indices(terminals, n_obs_steps, horizon):
 
 
 if __name__ == "__main__":
-    common.check_env_id(args.env_id)
+    environments.check_env_id(args.env_id)
     common.require_positive(args, "total_steps", "batch_size", "learning_rate", "warmup_steps", "eval_every",
                             "eval_episodes", "final_eval_episodes", "num_eval_envs", "n_obs_steps", "horizon",
                             "n_action_steps", "max_episode_steps", "num_diffusion_steps", "checkpoint_every_minutes")
@@ -347,7 +348,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Data: (observation history, demo chunk) pairs, indexed once, sampled on the device.
-    data = common.load_dataset(args.env_id, args.dataset_path)
+    data = environments.load_dataset(args.env_id, args.dataset_path)
     args.dataset_path = data["dataset_path"]  # args.json records the file actually used
     obs_idx, act_idx = sequence_indices(data["terminals"], args.n_obs_steps, args.horizon)
     obs_all = torch.as_tensor(data["observations"], device=device)
@@ -423,7 +424,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
             writer.add_scalar("charts/SPS", progress.rates()[0], step)  # training steps/s, evaluations excluded
         if step % args.eval_every == 0 or step == args.total_steps:
-            result = common.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
+            result = environments.evaluate(ema_policy.act, args.env_id, args.eval_episodes, args.n_obs_steps, args.n_action_steps,
                                      num_envs=args.num_eval_envs, max_episode_steps=args.max_episode_steps)
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, step)
@@ -437,11 +438,11 @@ if __name__ == "__main__":
     progress.close()
 
     # Final evaluation of the final and the best checkpoint, on seeds the periodic evaluation never used.
-    final_seed, final = common.EVAL_SEED_OFFSET + 50_000, {}
+    final_seed, final = environments.EVAL_SEED_OFFSET + 50_000, {}
     for tag in ("final", "best") if args.save_model else ("final",):
         best_path = os.path.join(run_dir, "diffusion_best.pt")
         eval_policy = ema_policy if tag == "final" else common.load_policy(best_path, device)
-        final[tag] = common.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
+        final[tag] = environments.evaluate(eval_policy.act, args.env_id, args.final_eval_episodes, args.n_obs_steps,
                                      args.n_action_steps, seed=final_seed, num_envs=args.num_eval_envs,
                                      max_episode_steps=args.max_episode_steps)
         writer.add_scalar(f"eval/{tag}_success_rate", final[tag]["success_rate"], args.total_steps)
@@ -451,6 +452,6 @@ if __name__ == "__main__":
                          best_success=final["best"]["success_rate"] if "best" in final else None,
                          wall_time_s=time.time() - t_start)
     if args.capture_video:
-        common.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
+        environments.record_video(ema_policy.act, args.env_id, os.path.join(run_dir, "videos", "final.mp4"),
                             args.n_obs_steps, args.n_action_steps, max_episode_steps=args.max_episode_steps)
     writer.close()

@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common.py and environments.py
 import common  # noqa: E402  light: numpy and gymnasium; torch is imported after the arguments are parsed (fast --help)
+import environments  # noqa: E402
 
 
 @dataclass
@@ -384,8 +385,8 @@ if __name__ == "__main__":
     variant = ("qc_" if args.horizon > 1 else "") + ("fql" if distill else "bfn")  # qc_fql, fql, qc_bfn or bfn
     if not args.resume and args.exp_name == "qc_fql":  # the member shows in the run name
         args.exp_name = variant
-    common.check_env_id(args.env_id)
-    robomimic = args.env_id in common.ROBOMIMIC_TASKS
+    environments.check_env_id(args.env_id)
+    robomimic = args.env_id in environments.ROBOMIMIC_TASKS
     # N of best-of-n: QC-BFN 32 (QC, DFP), BFN 4 (DFP's BFN command); unused by distill-ddpg.
     if args.num_samples is None:
         args.num_samples = 32 if args.horizon > 1 else 4
@@ -408,7 +409,7 @@ if __name__ == "__main__":
     env_kwargs = {} if robomimic else {"success_timing": args.success_timing}
 
     # Data. Robomimic: reward r - 1 in {-1, 0}, episodes end at success (QC / DFP); OGBench: the env's reward.
-    data = common.load_dataset(args.env_id, args.dataset_path)
+    data = environments.load_dataset(args.env_id, args.dataset_path)
     args.dataset_path = data["dataset_path"]  # args.json records the file actually used
     common.require(len(data["observations"]) >= args.horizon, f"the dataset has fewer transitions than --horizon {args.horizon}")
     if robomimic:
@@ -427,7 +428,7 @@ if __name__ == "__main__":
     buffer = ReplayBuffer(data, capacity=len(data["observations"]) + args.online_steps)
     print(f"{args.env_id}: {buffer.size} offline transitions from {data['dataset_path']}")
 
-    env = common.make_env(args.env_id, args.seed, **env_kwargs)
+    env = environments.make_env(args.env_id, args.seed, **env_kwargs)
     obs_dim, action_dim, H = env.observation_space.shape[0], env.action_space.shape[0], args.horizon
     S = H * action_dim
     flow = FlowField(obs_dim, S, args.hidden_dims).to(device)
@@ -510,7 +511,7 @@ if __name__ == "__main__":
         evaluate_now = global_step % args.eval_every == 0 or global_step == args.first_eval or at_switch
         if evaluate_now:
             episodes = args.final_eval_episodes if at_switch else args.eval_episodes
-            result = common.evaluate(act_fn, args.env_id, episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+            result = environments.evaluate(act_fn, args.env_id, episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
             for key, v in result.items():
                 writer.add_scalar(f"eval/{key}", v, global_step)
             phase = "offline" if global_step <= args.offline_steps else "online"
@@ -566,7 +567,7 @@ if __name__ == "__main__":
         writer.add_scalar("charts/success", float(ep_success), global_step)
     progress.close()
 
-    result = common.evaluate(act_fn, args.env_id, args.final_eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
+    result = environments.evaluate(act_fn, args.env_id, args.final_eval_episodes, 1, H, num_envs=args.num_eval_envs, **env_kwargs)
     for key, v in result.items():
         writer.add_scalar(f"eval/final_{key}", v, global_step)
     print(f"final: success {result['success_rate']:.3f} over {result['episodes']} episodes")
@@ -576,6 +577,6 @@ if __name__ == "__main__":
                          final_episodes=result["episodes"], switch_success=switch_success, wall_time_s=time.time() - t_start,
                          variant=variant)
     if args.capture_video:
-        common.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), 1, H)
+        environments.record_video(act_fn, args.env_id, os.path.join(run_dir, "videos", "final.mp4"), 1, H)
     env.close()
     writer.close()

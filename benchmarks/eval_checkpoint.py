@@ -1,5 +1,5 @@
 """Evaluate a saved checkpoint in simulation: success over N episodes on the evaluation seeds that the training
-scripts use for their final evaluation (from common.EVAL_SEED_OFFSET), so that a number here and a run's
+scripts use for their final evaluation (from environments.EVAL_SEED_OFFSET), so that a number here and a run's
 final_success are measured on the same initial states.
 
     python benchmarks/eval_checkpoint.py runs/<run>/dfp.pt --episodes 100                 # as DFP acts: best of N'
@@ -21,6 +21,7 @@ import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import environments  # noqa: E402
 
 # policy module -> the load_policy keyword that acts with the actor alone
 ACTOR_ONLY = {"dfp_offline_to_online": {"best_of_n": False}, "baselines.qc_fql": {"flow_only": True}}
@@ -34,7 +35,7 @@ class Args:
     """evaluation episodes"""
     actor_only: bool = False
     """DFP and qc_fql.py only: act with one actor (or BC flow) sample, without the critic's choice or the distillation"""
-    seed: int = common.EVAL_SEED_OFFSET
+    seed: int = environments.EVAL_SEED_OFFSET
     """first episode seed (default: the training scripts' final evaluation)"""
     num_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
@@ -61,9 +62,9 @@ def main(argv=None):
     policy = common.load_policy(args.checkpoint, trust=args.trust_checkpoint, **(ACTOR_ONLY[module] if args.actor_only else {}))
     run_args = ckpt.get("args", {})
     env_kwargs = {"max_episode_steps": args.max_episode_steps or run_args.get("max_episode_steps")}
-    if ckpt["env_id"] not in common.ROBOMIMIC_TASKS and run_args.get("success_timing"):
+    if ckpt["env_id"] not in environments.ROBOMIMIC_TASKS and run_args.get("success_timing"):
         env_kwargs["success_timing"] = run_args["success_timing"]
-    result = common.evaluate(policy.act, ckpt["env_id"], args.episodes, policy.n_obs_steps, policy.n_action_steps,
+    result = environments.evaluate(policy.act, ckpt["env_id"], args.episodes, policy.n_obs_steps, policy.n_action_steps,
                              seed=args.seed, num_envs=args.num_envs, **env_kwargs)
     print(json.dumps({"checkpoint": args.checkpoint, "env_id": ckpt["env_id"], "actor_only": args.actor_only,
                       **{k: round(float(v), 4) for k, v in result.items()}}))

@@ -15,7 +15,7 @@ checkpoint, and the rows of other tasks, methods and seeds already in the CSV st
 Data: each task trains on a generated Robomimic set (make_datasets.py robomimic), chosen so that the offline
 policy lands between 10% and 70% success and the online phase has room to show itself. DATA holds each task's
 recipe (demos, action noise, hesitation, labels); --data TASK=DEMOS,NOISE,HESITATE[,LABELS] replaces one. A
-missing set is generated before any run starts (one at a time) into common.DATA_DIR; the table names the recipes.
+missing set is generated before any run starts (one at a time) into environments.DATA_DIR; the table names the recipes.
 
 Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the evaluation at the
 switch to online, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
@@ -38,7 +38,7 @@ import tyro
 
 import sweep
 
-ROOT, common = sweep.ROOT, sweep.common
+ROOT, common, environments = sweep.ROOT, sweep.common, sweep.environments
 GRID = os.path.join(ROOT, "benchmarks", "grids", "offline_to_online.toml")
 # task -> generated data recipe. The default set (200 demos, noise 0.1, hesitation 0.3) took DFP's CPU preset to
 # 0.92 at the switch on lift, above the band, so these sets are smaller or noisier. Checked against the 10-70%
@@ -117,7 +117,7 @@ def recipe_text(r: dict) -> str:
 
 
 def data_path(task: str, r: dict) -> str:
-    return common.generated_robomimic_path(task, r["num_demos"], r["noise"], r["hesitate"], r["labels"])
+    return environments.generated_robomimic_path(task, r["num_demos"], r["noise"], r["hesitate"], r["labels"])
 
 
 def grid(args):

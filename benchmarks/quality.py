@@ -19,7 +19,7 @@ scripts' defaults: To = 1, H = Ta = 4) and evaluation schedule. DBP's batch also
 per observation through the network; diffusion runs one noised chunk per observation. The sampler only acts at
 inference, so the two diffusion methods train the same way.
 Metrics (the scripts' own final evaluation, `--eval-episodes` episodes each, from the same seeds for every method
-and seed: common.EVAL_SEED_OFFSET + 50000 on, never seen by the periodic evaluations):
+and seed: environments.EVAL_SEED_OFFSET + 50000 on, never seen by the periodic evaluations):
     final_success   the final EMA weights
     best_success    the checkpoint with the best periodic evaluation (every --eval-every steps), re-evaluated
     best_periodic   that best periodic success itself (optimistic: selected on the same episodes)
@@ -44,7 +44,7 @@ import tyro
 import sweep  # benchmarks/sweep.py: launches the runs, locally or on Slurm
 
 ROOT = sweep.ROOT
-common = sweep.common
+common, environments = sweep.common, sweep.environments
 # method -> (script, its extra flags)
 METHODS = {
     "dbp": ("dbp_bc.py", []),
@@ -245,7 +245,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.dataset_path is None:  # create missing default datasets now, not in several runs at once
         for task in args.tasks:
-            common.load_dataset(task)
+            environments.load_dataset(task)
     os.makedirs(args.results_dir, exist_ok=True)
     others = []  # rows of the runs that are not this call's: written back and summarised as they are
     if os.path.exists(csv_path) and not args.fresh:

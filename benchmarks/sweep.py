@@ -79,7 +79,8 @@ from typing_extensions import Annotated
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import common  # noqa: E402  (numpy and gymnasium only: no torch here)
+import common  # noqa: E402  (numpy, gymnasium: no torch here)
+import environments  # noqa: E402
 
 os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # before submitit is imported, here and in every job
 PREEMPTED = 75  # the scripts' exit status after writing their checkpoint on a stop signal
@@ -217,7 +218,7 @@ def make_cells(name: str, methods: dict, env_ids, seeds, flags=(), env_flags=Non
         if not m_envs or not m_seeds:
             raise common.UserError(f"{where}: no env ids or no seeds")
         for env_id in m_envs:
-            common.check_env_id(env_id)
+            environments.check_env_id(env_id)
         checkpoint = spec.get("checkpoint") or CHECKPOINTS.get(script)
         if not checkpoint:
             raise common.UserError(f"{where}: no known resumable checkpoint for {script}; set `checkpoint`")

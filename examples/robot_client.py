@@ -30,7 +30,7 @@ class Args:
     port: int = 8000
     """the policy server's port"""
     env_id: Optional[str] = None
-    """drive this common.make_env env (none: random observations, one round trip per tick, for timing)"""
+    """drive this environments.make_env env (none: random observations, one round trip per tick, for timing)"""
     hz: float = 20.0
     """control rate"""
     steps: int = 600
@@ -94,9 +94,9 @@ if __name__ == "__main__":
     print(f"policy at ws://{args.host}:{args.port}: {meta}")
     if args.env_id:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import common
+        import environments
 
-        env = common.make_env(args.env_id, args.seed)
+        env = environments.make_env(args.env_id, args.seed)
         successes, latency = run_episodes(policy, env, meta["n_action_steps"], args.hz, args.steps, args.seed)
         p = np.percentile(latency[args.warmup:], [50, 99, 100]) * 1e3
         print(f"success in {sum(successes)} of {len(successes)} finished episodes; observation -> action p50 "

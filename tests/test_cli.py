@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 import common
+import environments
 import make_datasets
 
 TRAINING_SCRIPTS = ["dbp_bc.py", "dbpo_online.py", "dfp_offline_to_online.py"]
@@ -67,7 +68,7 @@ def test_the_readme_recipes_are_the_presets():
     _, can = resolve("dbp_bc.py", ["--preset", "cpu", "--env-id", "can"])
     assert (can.learning_rate, can.max_episode_steps, can.total_steps) == (1e-3, 400, 40_000)
     assert can.dataset_path.endswith("can/scripted_mh_500_noise0.1_hesitate0.3_intended_hover0.07_aside0.4.hdf5")
-    assert common.generated_recipe(can.dataset_path)["labels"] == "intended"  # generated on first use
+    assert environments.generated_recipe(can.dataset_path)["labels"] == "intended"  # generated on first use
 
 
 def test_preset_errors_are_one_clear_line():
@@ -154,14 +155,14 @@ def test_nan_rows_are_named_at_load_time_in_both_dataset_formats(tmp_path, robom
         f["data/demo_1/obs/object"][2, 0] = np.nan
     n0 = len(h5py.File(robomimic_lift_file, "r")["data/demo_0/actions"])
     with pytest.raises(common.UserError, match=rf"non-finite value \(nan\) in 'observations' at transition {n0 + 2}"):
-        common.load_dataset("lift", str(bad))
+        environments.load_dataset("lift", str(bad))
     path = str(tmp_path / "cube-double-play-v0.npz")
     make_datasets.generate_ogbench("cube-double-play-v0", path, num_episodes=1, num_workers=1)
     raw = dict(np.load(path))
     raw["actions"][7, 1] = np.inf
     np.savez(path, **raw)
     with pytest.raises(common.UserError, match=r"non-finite value \(inf\) in 'actions' at transition 7"):
-        common.load_dataset("cube-double-play-singletask-task2-v0", path)
+        environments.load_dataset("cube-double-play-singletask-task2-v0", path)
 
 
 def test_nan_dataset_stops_a_training_script_with_one_line(tmp_path, robomimic_lift_file):

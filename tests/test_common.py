@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import common
+import environments
 import make_datasets
 from tests.conftest import ROOT
 
@@ -18,7 +19,7 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize("env_id, obs_dim, action_dim", [("lift", 19, 7), ("can", 23, 7), ("square", 23, 7),
                                                           ("cube-double-play-singletask-task2-v0", 37, 5)])
 def test_env_builds_steps_and_has_the_documented_spaces(env_id, obs_dim, action_dim):
-    env = common.make_env(env_id, seed=0)
+    env = environments.make_env(env_id, seed=0)
     obs, info = env.reset(seed=3)
     assert obs.shape == (obs_dim,) and obs.dtype == np.float32
     assert env.action_space.shape == (action_dim,) and (env.action_space.high == 1).all()
@@ -30,7 +31,7 @@ def test_env_builds_steps_and_has_the_documented_spaces(env_id, obs_dim, action_
 
 
 def test_robomimic_env_reports_success_and_terminates():
-    env = common.make_env("lift", seed=0)
+    env = environments.make_env("lift", seed=0)
     env.reset(seed=0)
     rs = env.unwrapped.rs_env
     qpos = rs.sim.data.get_joint_qpos(rs.cube.joints[0]).copy()
@@ -42,7 +43,7 @@ def test_robomimic_env_reports_success_and_terminates():
 
 
 def test_ogbench_env_reports_success_and_terminates():
-    env = common.make_env("cube-double-play-singletask-task1-v0", seed=0)
+    env = environments.make_env("cube-double-play-singletask-task1-v0", seed=0)
     env.reset(seed=0)
     u = env.unwrapped
     for i, goal in enumerate(u.cur_task_info["goal_xyzs"]):  # place every cube on its goal
@@ -56,7 +57,7 @@ def test_ogbench_env_reports_success_and_terminates():
 def test_time_limit_default_and_override(env_id, default):
     """QC / DFP's limits by default; max_episode_steps (DBP's 400-step Robomimic protocol) replaces them."""
     for limit, expected in ((None, default), (7, 7)):
-        env = common.make_env(env_id, seed=0, max_episode_steps=limit)
+        env = environments.make_env(env_id, seed=0, max_episode_steps=limit)
         env.reset(seed=0)
         truncated, steps = False, 0
         while not truncated and steps < expected:
@@ -68,7 +69,7 @@ def test_time_limit_default_and_override(env_id, default):
 
 
 def test_envs_run_inside_async_vector_env():
-    envs = common.make_vec_env("lift", num_envs=2, seed=0)
+    envs = environments.make_vec_env("lift", num_envs=2, seed=0)
     obs, _ = envs.reset(seed=[0, 1])
     assert obs.shape == (2, 19) and not np.allclose(obs[0], obs[1])
     obs, reward, term, trunc, info = envs.step(np.zeros((2, 7), np.float32))
@@ -80,7 +81,7 @@ def test_scripted_experts_solve_their_tasks():
     from scripted_experts import make_expert
 
     for task, episodes in (("lift", 3), ("can", 2), ("square", 2)):
-        env = common.make_env(task, seed=0)
+        env = environments.make_env(task, seed=0)
         solved = 0
         for seed in range(episodes):
             env.reset(seed=seed)
@@ -99,7 +100,7 @@ def test_scripted_expert_intended_action_is_the_perfect_operators():
     """DART labels: `intended` is the action without noise, pause or overshoot; `act` returns the executed one."""
     from scripted_experts import make_expert
 
-    env = common.make_env("lift", seed=0)
+    env = environments.make_env("lift", seed=0)
     for noise, hesitate in ((0.0, 0.0), (0.1, 0.0), (0.0, 1.0)):
         env.reset(seed=3)
         expert = make_expert("lift", np.random.default_rng(3), noise=noise, hesitate=hesitate)
@@ -124,7 +125,7 @@ def test_scripted_expert_intended_action_is_the_perfect_operators():
 def test_side_grasp_clearance_option_moves_the_hover_point_and_names_the_cache():
     from scripted_experts import ASIDE_DESCENT, HOVER, make_expert
 
-    env = common.make_env("can", seed=0)
+    env = environments.make_env("can", seed=0)
     env.reset(seed=0)
     rs = env.unwrapped.rs_env
     hovers = []
@@ -138,8 +139,8 @@ def test_side_grasp_clearance_option_moves_the_hover_point_and_names_the_cache()
     env.close()
     with pytest.raises(ValueError, match="side grasp"):
         make_expert("square", np.random.default_rng(0), hover=0.07)
-    default = common.generated_robomimic_path("can", 500, 0.1, 0.3, "intended")
-    assert common.generated_robomimic_path("can", 500, 0.1, 0.3, "intended", (0.07, 0.4)) == \
+    default = environments.generated_robomimic_path("can", 500, 0.1, 0.3, "intended")
+    assert environments.generated_robomimic_path("can", 500, 0.1, 0.3, "intended", (0.07, 0.4)) == \
         default.replace(".hdf5", "_hover0.07_aside0.4.hdf5")
 
 
@@ -161,11 +162,11 @@ def test_robomimic_hdf5_layout_and_loader_round_trip(robomimic_lift_file):
         np.testing.assert_array_equal(g["obs/object"][1:], g["next_obs/object"][:-1])
         total = sum(f[f"data/{d}"].attrs["num_samples"] for d in demos)
         seed, actions = g.attrs["seed"], g["actions"][()]
-    data = common.load_dataset("lift", robomimic_lift_file)
+    data = environments.load_dataset("lift", robomimic_lift_file)
     assert data["observations"].shape == (total, 19) and data["actions"].shape == (total, 7)
     assert data["terminals"].sum() == 3 and data["masks"][data["terminals"] == 1].max() == 0  # demos end solved
     # The recorded actions, replayed from the recorded initial state, solve the task again.
-    env = common.make_env("lift", seed=0)
+    env = environments.make_env("lift", seed=0)
     obs, _ = env.reset(seed=int(seed))
     np.testing.assert_allclose(obs, data["observations"][0], atol=1e-5)
     for a in actions:
@@ -180,7 +181,7 @@ def test_ogbench_generator_round_trips_through_ogbench_loader(tmp_path):
     assert {"observations", "actions", "terminals", "qpos", "qvel"} <= set(raw.keys())
     assert raw["observations"].shape == (2002, 37) and raw["terminals"].sum() == 2
     assert os.path.exists(path.replace(".npz", "-val.npz"))
-    data = common.load_dataset("cube-double-play-singletask-task2-v0", path)
+    data = environments.load_dataset("cube-double-play-singletask-task2-v0", path)
     assert data["observations"].shape == (2000, 37) and data["actions"].shape == (2000, 5)  # last steps dropped
     assert set(np.unique(data["rewards"])) <= {-2.0, -1.0, 0.0} and data["terminals"].sum() == 2
     assert np.abs(data["actions"]).max() <= 1.0
@@ -188,7 +189,7 @@ def test_ogbench_generator_round_trips_through_ogbench_loader(tmp_path):
 
 def test_unknown_env_id_lists_the_valid_ones():
     with pytest.raises(common.UserError, match="unknown env id 'pick'.*lift, can, square"):
-        common.make_env("pick")
+        environments.make_env("pick")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "dbp_bc.py"), "--env-id", "pick"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "error: unknown env id" in out.stderr and "Traceback" not in out.stderr
@@ -196,24 +197,24 @@ def test_unknown_env_id_lists_the_valid_ones():
 
 def test_missing_dataset_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(common.UserError, match="does not exist.*make_datasets.py robomimic --task lift"):
-        common.load_dataset("lift", str(tmp_path / "nope.hdf5"))
+        environments.load_dataset("lift", str(tmp_path / "nope.hdf5"))
 
 
 def test_truncated_or_corrupt_datasets_are_reported(tmp_path, robomimic_lift_file):
     truncated = tmp_path / "lift.hdf5"
     truncated.write_bytes(open(robomimic_lift_file, "rb").read()[:5000])
     with pytest.raises(common.UserError, match="truncated or corrupt"):
-        common.load_dataset("lift", str(truncated))
+        environments.load_dataset("lift", str(truncated))
     corrupt = tmp_path / "cube-double-play-v0.npz"
     corrupt.write_bytes(b"not a zip file")
     shutil.copy(corrupt, tmp_path / "cube-double-play-v0-val.npz")
     with pytest.raises(common.UserError, match="truncated or corrupt"):
-        common.load_dataset("cube-double-play-singletask-task2-v0", str(corrupt))
+        environments.load_dataset("cube-double-play-singletask-task2-v0", str(corrupt))
 
 
 def test_dataset_of_another_env_is_refused(tmp_path, robomimic_lift_file):
     with pytest.raises(common.UserError, match="does not match env 'can'.*env_name 'Lift'"):
-        common.load_dataset("can", robomimic_lift_file)
+        environments.load_dataset("can", robomimic_lift_file)
     relabelled = tmp_path / "relabelled.hdf5"  # env_args say PickPlaceCan, but the data are lift's 19-D obs
     shutil.copy(robomimic_lift_file, relabelled)
     with h5py.File(relabelled, "r+") as f:
@@ -221,4 +222,4 @@ def test_dataset_of_another_env_is_refused(tmp_path, robomimic_lift_file):
         env_args["env_name"] = "PickPlaceCan"
         f["data"].attrs["env_args"] = json.dumps(env_args)
     with pytest.raises(common.UserError, match="obs/action dims 19/7, but env can has 23/7"):
-        common.load_dataset("can", str(relabelled))
+        environments.load_dataset("can", str(relabelled))

@@ -16,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import common
+import environments
 import dbpo_online as dbpo
 from dbp_bc import DriftPolicy
 from tests.conftest import ROOT
@@ -190,12 +191,12 @@ def test_potential_shaping_adds_gamma_phi_next_minus_phi_and_telescopes():
 
 
 def test_robomimic_potential_is_robosuites_dense_reward_and_the_reward_stays_sparse():
-    env = common.make_env("lift", seed=0, report_potential=True)
+    env = environments.make_env("lift", seed=0, report_potential=True)
     _, info = env.reset(seed=0)
     assert 0.0 < info["potential"] < 1.0
     _, reward, _, _, info = env.step(np.zeros(7))
     assert reward == 0.0 and 0.0 < info["potential"] < 1.0 and not info["success"]
-    assert "potential" not in common.make_env("lift", seed=0).step(np.zeros(7))[-1]
+    assert "potential" not in environments.make_env("lift", seed=0).step(np.zeros(7))[-1]
 
 
 # The second run also stops early: iteration 2 of a 6-iteration learning-rate schedule.
@@ -226,7 +227,7 @@ def test_smoke_run_with_pretraining_then_reload(tmp_path, robomimic_lift_file, f
         lr, lr_min, warm = 1e-5, 3e-6, 2 / 10  # the defaults; iteration 2 of the 10-iteration warm-up
         assert actor_lr == pytest.approx(warm * (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * 1 / 6))))
     policy = common.load_policy(path, env_id="lift")  # the fine-tuned policy loads as a plain DBP policy
-    obs = common.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
+    obs = environments.load_dataset("lift", robomimic_lift_file)["observations"][:2]  # in-distribution: no clipping
     z = np.random.randn(2, 4, 7).astype(np.float32)
     np.testing.assert_array_equal(policy.act(obs, z), common.load_policy(path).act(obs, z))
     ckpt = torch.load(path, weights_only=True)

@@ -26,7 +26,9 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from websockets.exceptions import InvalidStatus
 
 import common
+import environments
 import dfp_offline_to_online as dfp
+import policy_server as ps
 import robot_deploy as rd
 from dbp_bc import DriftPolicy
 from tests.conftest import ROOT
@@ -217,7 +219,7 @@ def test_safe_action_is_zero_motion_by_default_and_can_hold_dims(ckpts):
 def test_zero_action_stops_the_lift_arm_and_holds_its_gripper():
     """Why zero is the default safe action: robosuite's OSC takes pose deltas, and its Panda gripper integrates the
     sign of its command, so zero holds both. Repeating the last action (the old default) keeps the arm moving."""
-    env = common.make_env("lift", 0)
+    env = environments.make_env("lift", 0)
     obs, _ = env.reset(seed=0)
     state = lambda o: np.concatenate([o[:3], o[7:9]])  # eef position, gripper joint positions
     move = np.float32([0.5, 0, -0.3, 0, 0, 0, 1.0])  # move and close the gripper
@@ -240,7 +242,7 @@ def test_zero_action_stops_the_lift_arm_and_holds_its_gripper():
     (["--safe-action", "0", "0"], "--safe-action has 2 values, the actions 5"),
 ])
 def test_cli_refuses_unsafe_settings_at_start_up(ckpts, tmp_path, flags, message):
-    env = {k: v for k, v in os.environ.items() if k != rd.TOKEN_ENV}
+    env = {k: v for k, v in os.environ.items() if k != ps.TOKEN_ENV}
     proc = subprocess.run([sys.executable, RD, "--checkpoint", ckpts["dbp"], *flags], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
@@ -253,9 +255,9 @@ def test_parse_request_accepts_openpi_arrays_lists_and_histories():
     for req in ({"observation/state": obs}, {"state": obs.astype(np.float64)}, {"state": obs.tolist()},
                 {"state": obs.astype(np.int16), "prompt": "lift the cube", "observation/image": np.zeros((4, 4, 3),
                                                                                                      np.uint8)}):
-        got, reset, seed = rd.parse_request(msgpack_numpy.packb(req), 37, 2)
+        got, reset, seed = ps.parse_request(msgpack_numpy.packb(req), 37, 2)
         assert got.dtype == np.float32 and np.array_equal(got, obs) and reset is False and seed is None
-    got, reset, seed = rd.parse_request(msgpack_numpy.packb({"state": np.stack([obs, -obs]), "reset": np.bool_(True),
+    got, reset, seed = ps.parse_request(msgpack_numpy.packb({"state": np.stack([obs, -obs]), "reset": np.bool_(True),
                                                              "seed": 5}), 37, 2)
     assert got.shape == (2, 37) and reset is True and seed == 5  # a numpy bool comes as openpi's __npgeneric__
     bad = {"expected a binary frame": "text", "under one of ['observation/state', 'state'], got ['obs']":
@@ -263,8 +265,8 @@ def test_parse_request_accepts_openpi_arrays_lists_and_histories():
            msgpack_numpy.packb({"state": np.where(np.arange(37) == 3, np.inf, obs)}),
            "shape [37] or [2, 37], not dtype <f4 shape [36]": msgpack_numpy.packb({"state": obs[:36]})}
     for message, msg in bad.items():
-        with pytest.raises(rd.RequestError, match=re.escape(message)):
-            rd.parse_request(msg, 37, 2)
+        with pytest.raises(ps.RequestError, match=re.escape(message)):
+            ps.parse_request(msg, 37, 2)
 
 
 def test_server_answers_an_inference_failure_with_the_safe_chunk_and_closes_after_the_limit(ckpts, caplog):
@@ -276,8 +278,9 @@ def test_server_answers_an_inference_failure_with_the_safe_chunk_and_closes_afte
         raise RuntimeError("the GPU fell off the bus")
 
     args = args_for(max_consecutive_failures=3, hold_dims=(4,))
-    server = rd.PolicyServer(policy, rd.InferenceWorker(broken), args, {}, None, rd.LoopStats(0))
-    session = rd.Controller(policy, server.worker, args, -np.ones(5), np.ones(5))
+    worker = rd.InferenceWorker(broken)
+    session = rd.Controller(policy, worker, args, -np.ones(5), np.ones(5))
+    server = ps.PolicyServer(policy, None, args, {}, None, rd.LoopStats(0))
     session.last = np.float32([0.5, 0.5, 0.5, 0.5, -0.7])  # the last action sent: dim 4 is held
     request = msgpack_numpy.packb({"observation/state": np.zeros(37, np.float32)})
     with caplog.at_level(logging.WARNING, logger="robot_deploy"):
@@ -292,7 +295,7 @@ def test_server_answers_an_inference_failure_with_the_safe_chunk_and_closes_afte
     assert b"GPU" not in replies[0][0]
     reply, close = server.answer(session, b"\x81\xa5state\xc1", time.perf_counter(), 0.0)  # 0xc1: never valid
     assert reply is None and close.startswith("bad request: not a msgpack-numpy message")
-    server.worker.close()
+    worker.close()
 
 
 def test_watchdog_sends_the_safe_action_when_inference_is_late(ckpts):
@@ -460,7 +463,7 @@ def lift(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ckpt, = glob.glob(str(d / "runs" / "lift__dbp_bc__1__*" / "dbp.pt"))
     server, port, log = start_server(ckpt, str(d), "--backend", "eager", "--seed", str(LIFT_SEED),
-                                     env={rd.TOKEN_ENV: TOKEN})
+                                     env={ps.TOKEN_ENV: TOKEN})
     yield {"ckpt": ckpt, "port": port, "proc": server, "log": log}
     server.kill()
     server.wait()
@@ -475,7 +478,7 @@ def test_openpi_client_reads_the_metadata_and_gets_the_actions_of_load_policy_ac
             "checkpoint_sha256": hashlib.sha256(open(lift["ckpt"], "rb").read()).hexdigest(),
             "safe_action": [0.0] * 7, "state_keys": ["observation/state", "state"]}
     assert {k: meta[k] for k in want} == want
-    env = common.make_env("lift", 0)
+    env = environments.make_env("lift", 0)
     obs, _ = env.reset(seed=0)
     draw = np.random.default_rng(LIFT_SEED)  # the session's own noise generator: --seed
     for k in range(6):
@@ -516,9 +519,9 @@ def test_action_chunk_broker_episodes_match_the_in_process_loop(lift):
 
     client = WebsocketClientPolicy("127.0.0.1", lift["port"], api_key=TOKEN)
     broker = ActionChunkBroker(client, action_horizon=client.get_server_metadata()["n_action_steps"])
-    env, actions, successes = common.make_env("lift", LIFT_SEED, LIFT_STEPS), [], []
+    env, actions, successes = environments.make_env("lift", LIFT_SEED, LIFT_STEPS), [], []
     for ep in range(LIFT_EPISODES):
-        (obs, _), done, success, first = env.reset(seed=common.EVAL_SEED_OFFSET + LIFT_SEED + ep), False, False, True
+        (obs, _), done, success, first = env.reset(seed=environments.EVAL_SEED_OFFSET + LIFT_SEED + ep), False, False, True
         broker.reset()
         while not done:
             action = broker.infer({"observation/state": obs, "reset": first})["actions"]

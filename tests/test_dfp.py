@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import common
+import environments
 import dfp_offline_to_online as dfp
 from tests.conftest import ROOT
 
@@ -119,7 +120,7 @@ def test_smoke_run_both_phases_then_reload(tmp_path, robomimic_lift_file):
     plain = common.load_policy(path, best_of_n=False)
     assert plain.noise_shape == (1, 35) and plain.act(obs).shape == (2, 5, 7)
     # --normalize-obs: the checkpoint carries the data's range, and the actor sees normalised observations
-    data = common.load_dataset("lift", robomimic_lift_file)
+    data = environments.load_dataset("lift", robomimic_lift_file)
     np.testing.assert_array_equal(plain.obs_norm.low.numpy(), data["observations"].min(0))
     np.testing.assert_array_equal(plain.obs_norm.high.numpy(), data["observations"].max(0))
     with torch.no_grad():

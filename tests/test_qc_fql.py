@@ -322,6 +322,7 @@ def check_reload(path, data_file, tmp_path, actor, H, N):
     """The checkpoint loads weights-only through common.load_policy, acts as its networks, and runs under
     robot_deploy.py's ONNX backend with the same outputs."""
     import common
+    import environments
     import robot_deploy as rd
 
     policy = common.load_policy(path, env_id="lift")
@@ -332,7 +333,7 @@ def check_reload(path, data_file, tmp_path, actor, H, N):
     a = policy.act(obs, z)
     assert a.shape == (2, H, 7) and np.abs(a).max() <= 1.0
     np.testing.assert_array_equal(a, common.load_policy(path).act(obs, z))
-    data = common.load_dataset("lift", data_file)  # --normalize-obs: the data's range travels in the checkpoint
+    data = environments.load_dataset("lift", data_file)  # --normalize-obs: the data's range travels in the checkpoint
     np.testing.assert_array_equal(policy.obs_norm.low.numpy(), data["observations"].min(0))
     infer = rd.make_backend(policy, "onnx", str(tmp_path))
     assert rd.check_parity(policy, infer, tol=1e-5, n=2) <= 1e-5
