@@ -73,7 +73,7 @@ class Args:
     env_id: Optional[str] = None
     """env of --robot sim (default: the checkpoint's); a checkpoint trained on another env is refused"""
     robot: Literal["sim", "server"] = "sim"
-    """sim: drive a environments.make_env env at --hz; server: answer robots over websockets (openpi's protocol)"""
+    """sim: drive an environments.make_env env at --hz; server: answer robots over websockets (openpi's protocol)"""
     backend: Literal["eager", "torchscript", "compile", "onnx"] = "onnx"
     """inference backend, checked against eager PyTorch at start-up (same observation and z)"""
     execution: Literal["receding", "ensemble"] = "receding"
@@ -468,7 +468,7 @@ class LoopStats:
 
 
 class SimRobot:
-    """--robot sim: a environments.make_env env stands in for the robot (evaluation seeds, one per episode)."""
+    """--robot sim: an environments.make_env env stands in for the robot (evaluation seeds, one per episode)."""
 
     def __init__(self, env_id, seed, num_episodes, max_episode_steps=None):
         self.env, self.seed = environments.make_env(env_id, seed, max_episode_steps), seed
