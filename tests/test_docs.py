@@ -196,6 +196,43 @@ def test_every_command_names_a_script_and_flags_that_exist(doc):
     assert not problems, f"{doc}: {sorted(set(problems))}"
 
 
+@functools.lru_cache(maxsize=None)
+def module_names(rel):
+    """Every top-level name of a Python file: functions, classes, assignments and imports."""
+    names = set()
+    for node in ast.parse(read(rel)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def snippet_problems(snippet):
+    """What a `python -c` snippet uses of the repository's modules without importing it, or that does not exist."""
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    imported = {name.strip().split(" as ")[0] for m in re.finditer(r"\bimport ([\w, ]+)", snippet)
+                for name in m.group(1).split(",")}
+    problems = []
+    for module, attr in re.findall(r"(?<![\w.])(\w+)\.(\w+)", snippet):
+        if module in modules and module not in imported:
+            problems.append(f"{module}.{attr}: {module} is not imported")
+        elif module in modules and attr not in module_names(module + ".py"):
+            problems.append(f"{module}.{attr}: {module}.py has no {attr}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_python_c_snippet_imports_and_names_what_exists(doc):
+    """`python -c "import common; common.load_policy(...)"`: each repository module it uses is imported, and has
+    the name used (a helper that moved to another module breaks these snippets silently otherwise)."""
+    problems = [p for m in re.finditer(r'python -c "(.*?)"', read(doc), re.S) for p in snippet_problems(m.group(1))]
+    assert not problems, f"{doc}: {problems}"
+
+
 def repository_text_files():
     for dirpath, dirnames, filenames in os.walk(ROOT):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".venv")]
@@ -239,6 +276,9 @@ def test_the_checks_catch_what_they_are_meant_to_catch(tmp_path):
     assert "--no-such-flag" not in cli_flags("dbp_bc.py")
     assert "--num-demos" in cli_flags("make_datasets.py") and "--blend" in cli_flags("scripted_experts.py")
     assert ISSUE_REFERENCE.search("as in iss" + "ue 12") and not ISSUE_REFERENCE.search("the issue tracker")
+    assert snippet_problems("import common; common.evaluate(environments.evaluate)") == [
+        "common.evaluate: common.py has no evaluate", "environments.evaluate: environments is not imported"]
+    assert not snippet_problems("import sys, common, environments; common.load_policy(sys.argv[1]).act")
     assert "drift_loss" in defined_names("dbp_bc.py") and "ReplayBuffer.sample" in defined_names("dfp_offline_to_online.py")
     prose, blocks = split_fences("a `x.py` b\n```bash\n# not a heading\npython dbp_bc.py --seed 1\n```\n")
     assert "not a heading" not in prose and "python dbp_bc.py" in blocks[0] and code_spans(prose) == ["x.py"]
