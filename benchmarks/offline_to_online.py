@@ -18,12 +18,14 @@ recipe (demos, action noise, hesitation, labels); --data TASK=DEMOS,NOISE,HESITA
 missing set is generated before any run starts (one at a time) into environments.DATA_DIR; the table names the recipes.
 
 Outputs (in --results-dir): offline_to_online.csv (one row per run: switch_success = the evaluation at the
-switch to online, final_success = the final evaluation, over final_episodes episodes; steps; wall time; curve = the
-run's eval/success_rate as step:success pairs, so that the plot needs no run directory),
-offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, per task, data, --extra-flags and method: runs on
-different data or with other flags are never pooled, and such a run adds rows beside the old ones instead of
-replacing them) and offline_to_online.png (eval/success_rate against the step, one panel per task, data and flags:
-the mean over seeds, a band of +- one std, and the switch as a dashed line).
+switch to online, final_success = the final evaluation, over final_episodes episodes; steps; last_eval_episodes =
+the periodic evaluations' episodes; wall time; curve = the run's eval/success_rate as step:success pairs, so that
+the table and the plot need no run directory), offline_to_online.md (mean +- std over seeds, numpy's ddof = 0, of
+the switch, the final evaluation, the final one pooled with the periodic one of the same weights at the last step
+(a less noisy estimate) and the gain; per task, data, --extra-flags and method: runs on different data or with
+other flags are never averaged together, and such a run adds rows beside the old ones instead of replacing them)
+and offline_to_online.png (eval/success_rate against the step, one panel per task, data and flags: the mean over
+seeds, a band of +- one std, and the switch as a dashed line).
 """
 
 import csv
@@ -51,6 +53,7 @@ DATA = {"lift": dict(num_demos=20, noise=0.3, hesitate=0.3, labels="executed"),
 # one colour per method; the table and the legends list methods in this order
 COLORS = {"dfp": "C0", "dfp-no-topk": "C2", "qc-fql": "C1", "qc-bfn": "C3", "fql": "C4"}
 FIELDS = ["task", "method", "seed", "switch_success", "final_success", "final_episodes", "gain", "steps",
+          "last_eval_episodes",
           "offline_steps", "online_steps", "wall_s", "data", "extra_flags", "returncode", "run_dir", "command", "curve"]
 
 
@@ -172,6 +175,7 @@ def row_of(cell, collected, described, extra_flags, work_dir, launch):
     return dict(task=cell.env_id, method=cell.method, seed=cell.seed, switch_success=number("switch_success"),
                 final_success=number("final_success"), final_episodes=r["final_episodes"],
                 gain=round(number("final_success") - number("switch_success"), 4), steps=r["steps"],
+                last_eval_episodes=run_args.get("eval_episodes", ""),
                 offline_steps=run_args.get("offline_steps", ""), online_steps=run_args.get("online_steps", ""),
                 wall_s=round(number("wall_time_s"), 1), data=described[cell.env_id], extra_flags=extra_flags,
                 returncode=0 if finished else r.get("returncode", ""), run_dir=r["run_dir"],
@@ -198,9 +202,9 @@ def summarize(rows) -> str:
         v = v[np.isfinite(v)]
         return f"{v.mean():.3f} +- {v.std():.3f}" if len(v) else "-"
 
-    lines = ["| task | data | extra flags | method | runs | switch (offline) | final (online) | gain | final episodes "
-             "| steps |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for group in groups(rows):  # runs on different data or with different flags are never pooled
+    lines = ["| task | data | extra flags | method | runs | switch (offline) | final (online) | final, pooled | gain "
+             "| final episodes | steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for group in groups(rows):  # runs on different data or with different flags are never averaged together
         for method in methods_of(rows, group):
             sub = [r for r in rows if setting(r) == group and r["method"] == method]
             ok = [r for r in sub if str(r["returncode"]) == "0"]
@@ -208,11 +212,27 @@ def summarize(rows) -> str:
             episodes = ", ".join(sorted({str(r["final_episodes"]) for r in ok})) or "-"
             steps = ", ".join(sorted({str(r["steps"]) for r in ok})) or "-"
             task, data, flags = group
-            success = " | ".join(stat(r[key] for r in ok) for key in ("switch_success", "final_success", "gain"))
-            lines.append(f"| {task} | {data} | {flags or '-'} | {method} | {runs} | {success} | {episodes} | {steps} |")
+            pools = [pooled(r) for r in ok]
+            success = [stat(r[key] for r in ok) for key in ("switch_success", "final_success")]
+            success += [stat(pools) if all(np.isfinite(pools)) else "-", stat(r["gain"] for r in ok)]
+            lines.append(f"| {task} | {data} | {flags or '-'} | {method} | {runs} | {' | '.join(success)} | {episodes} "
+                         f"| {steps} |")
     lines.append("\nswitch = the evaluation at the switch to online (the last offline one); final = the final "
-                 "evaluation; mean +- std over seeds (ddof = 0).")
+                 "evaluation; final, pooled = the final evaluation and the periodic one at the last step (the same "
+                 "weights), their episodes added up (- where a run has no evaluation at its last step); gain = final "
+                 "- switch; mean +- std over seeds (ddof = 0).")
     return "\n".join(lines)
+
+
+def pooled(row) -> float:
+    """Success over the final evaluation and the periodic one at the run's last step together: the same weights,
+    so one estimate over more episodes. nan where the run has no evaluation at its last step."""
+    steps, values = parse_curve(row.get("curve"))
+    last = dict(zip(steps, values)).get(int(row["steps"]))
+    if last is None or not str(row.get("last_eval_episodes", "")).isdigit():
+        return float("nan")
+    n_last, n_final = int(row["last_eval_episodes"]), int(row["final_episodes"])
+    return (n_last * last + n_final * float(row["final_success"])) / (n_last + n_final)
 
 
 def setting(row) -> tuple:
@@ -248,13 +268,18 @@ def curve(run_dir):
     return steps, [events[s] for s in steps]
 
 
-def fill_curves(rows, work_dir):
-    """Each row's curve column ("step:success ..."), read from its run's events where it is still empty: the CSV
-    keeps the curves, so the plot needs no run directory (runs of another machine, or deleted ones)."""
+def fill_from_run_dirs(rows, work_dir):
+    """Each row's curve ("step:success ...", from its run's events) and last_eval_episodes (from its args.json),
+    where they are still empty: the CSV keeps them, so the table and the plot need no run directory (runs of
+    another machine, or deleted ones)."""
     for r in rows:
+        run_dir = os.path.join(work_dir, r.get("run_dir") or "")
         if not r.get("curve") and r.get("run_dir"):
-            steps, values = curve(os.path.join(work_dir, r["run_dir"]))
+            steps, values = curve(run_dir)
             r["curve"] = " ".join(f"{s}:{v:.4g}" for s, v in zip(steps, values))
+        if not r.get("last_eval_episodes") and r.get("run_dir") and os.path.exists(os.path.join(run_dir, "args.json")):
+            with open(os.path.join(run_dir, "args.json")) as f:
+                r["last_eval_episodes"] = json.load(f).get("eval_episodes", "")
 
 
 def parse_curve(text):
@@ -305,7 +330,7 @@ def plot(rows, path):
 
 def report(rows, args):
     base = os.path.join(args.results_dir, "offline_to_online")
-    fill_curves(rows, os.path.abspath(args.launch.work_dir))
+    fill_from_run_dirs(rows, os.path.abspath(args.launch.work_dir))
     write_csv(rows, base + ".csv")
     table = summarize(rows)
     print("\n" + table)

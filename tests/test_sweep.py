@@ -5,6 +5,7 @@ preempted by `scancel --signal=USR1` mid-run that resumes from its checkpoint an
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -394,6 +395,13 @@ def test_offline_to_online_table_never_pools_other_data_or_flags():
     assert o2o.methods_of(mixed, o2o.setting(base)) == ["dfp", "dfp-no-topk", "qc-fql", "fql", "my-method"]
     lines = [line for line in o2o.summarize(mixed).splitlines() if line.startswith("| square")]
     assert [line.split(" | ")[3] for line in lines] == ["dfp", "dfp-no-topk", "qc-fql", "fql", "my-method"]
+    # final, pooled: the final evaluation (100 episodes) and the periodic one at the last step (50), the same weights
+    ends = [{**base, "curve": "20000:0.5 25000:0.6", "last_eval_episodes": "50", "final_success": f}
+            for f in ("0.48", "0.54")]
+    assert o2o.pooled(ends[0]) == pytest.approx((50 * 0.6 + 100 * 0.48) / 150)
+    assert "| dfp | 2 | 0.400 +- 0.000 | 0.510 +- 0.030 | 0.540 +- 0.020 |" in o2o.summarize(ends)
+    no_last = {**ends[1], "curve": "20000:0.5"}  # no evaluation at the last step: no pooled estimate for the method
+    assert math.isnan(o2o.pooled(no_last)) and "| 0.510 +- 0.030 | - |" in o2o.summarize([ends[0], no_last])
 
 
 def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_path, robomimic_lift_file):
@@ -418,7 +426,7 @@ def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_pat
                                                                                    ("lift", "dfp", "2", "0")]
     for r in rows:
         assert 0 <= float(r["switch_success"]) <= 1 and 0 <= float(r["final_success"]) <= 1
-        assert (r["steps"], r["offline_steps"], r["final_episodes"]) == ("70", "30", "1")
+        assert (r["steps"], r["offline_steps"], r["final_episodes"], r["last_eval_episodes"]) == ("70", "30", "1", "1")
         assert float(r["gain"]) == pytest.approx(float(r["final_success"]) - float(r["switch_success"]))
     table = (results / "offline_to_online.md").read_text()
     assert table_row(table, robomimic_lift_file, "dfp", 2)  # the data is named in the table
