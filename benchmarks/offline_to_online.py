@@ -29,6 +29,7 @@ seeds, a band of +- one std, and the switch as a dashed line).
 """
 
 import csv
+import fcntl
 import json
 import os
 import sys
@@ -190,10 +191,29 @@ def merge(old, new) -> list:
 
 
 def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:  # whole or not at all: a reader never sees half a table
         writer = csv.DictWriter(f, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def merge_into_csv(rows, args):
+    """Read the CSV, merge this call's rows into it and redraw, holding a lock on the results folder: two calls
+    that end at once (one per task, say) would otherwise each write the rows they read, and one would drop the
+    other's."""
+    os.makedirs(args.results_dir, exist_ok=True)
+    csv_path = os.path.join(args.results_dir, "offline_to_online.csv")
+    lock = os.open(args.results_dir, os.O_RDONLY)  # a directory can carry a flock on Linux: no stray lock file
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = []
+        if os.path.exists(csv_path):
+            with open(csv_path) as f:
+                old = list(csv.DictReader(f))
+        report(merge(old, rows), args)
+    finally:
+        os.close(lock)  # closing releases the lock
 
 
 def summarize(rows) -> str:
@@ -273,11 +293,13 @@ def fill_from_run_dirs(rows, work_dir):
     where they are still empty: the CSV keeps them, so the table and the plot need no run directory (runs of
     another machine, or deleted ones)."""
     for r in rows:
-        run_dir = os.path.join(work_dir, r.get("run_dir") or "")
-        if not r.get("curve") and r.get("run_dir"):
+        if not r.get("run_dir"):
+            continue
+        run_dir = os.path.join(work_dir, r["run_dir"])
+        if not r.get("curve"):
             steps, values = curve(run_dir)
             r["curve"] = " ".join(f"{s}:{v:.4g}" for s, v in zip(steps, values))
-        if not r.get("last_eval_episodes") and r.get("run_dir") and os.path.exists(os.path.join(run_dir, "args.json")):
+        if not r.get("last_eval_episodes") and os.path.exists(os.path.join(run_dir, "args.json")):
             with open(os.path.join(run_dir, "args.json")) as f:
                 r["last_eval_episodes"] = json.load(f).get("eval_episodes", "")
 
@@ -346,8 +368,7 @@ if __name__ == "__main__":
     if args.plot_only:
         if not os.path.exists(csv_path):
             raise common.UserError(f"{csv_path} does not exist; run the benchmark first")
-        with open(csv_path) as f:
-            report(list(csv.DictReader(f)), args)
+        merge_into_csv([], args)  # nothing new: redraw from the CSV alone
         sys.exit(0)
     cells, data, described = grid(args)
     if not args.launch.dry_run:
@@ -359,9 +380,4 @@ if __name__ == "__main__":
         sys.exit(0)
     work_dir = os.path.abspath(args.launch.work_dir)
     rows = [row_of(c, r, described, args.extra_flags, work_dir, args.launch) for c, r in zip(cells, collected)]
-    os.makedirs(args.results_dir, exist_ok=True)
-    old = []
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            old = list(csv.DictReader(f))
-    report(merge(old, rows), args)
+    merge_into_csv(rows, args)

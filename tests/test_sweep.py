@@ -449,3 +449,26 @@ def test_offline_to_online_benchmark_writes_csv_table_curves_and_resumes(tmp_pat
     out = run([sys.executable, script, "--plot-only", "--results-dir", str(results), "--work-dir", str(tmp_path)])
     assert table_row(out, other_data, "dfp", 1) and (results / "offline_to_online.png").stat().st_size > 1000
     assert read_csv(results / "offline_to_online.csv")[1] == rows
+
+
+def test_offline_to_online_csv_merge_waits_for_a_writer_in_another_call(tmp_path):
+    import fcntl
+    import threading
+    import types
+
+    import offline_to_online as o2o
+
+    results = tmp_path / "results"
+    results.mkdir()
+    args = types.SimpleNamespace(results_dir=str(results), launch=types.SimpleNamespace(work_dir=str(tmp_path)))
+    row = lambda seed: dict(task="lift", data="d", method="dfp", seed=str(seed), switch_success="0.1",
+                            final_success="0.2", gain="0.1", final_episodes="100", steps="70", returncode="0")
+    other = os.open(results, os.O_RDONLY)  # another call of the benchmark, between its read and its write
+    fcntl.flock(other, fcntl.LOCK_EX)
+    this = threading.Thread(target=o2o.merge_into_csv, args=([row(2)], args))
+    this.start()
+    time.sleep(0.5)
+    o2o.write_csv([row(1)], str(results / "offline_to_online.csv"))  # the other call's write
+    os.close(other)
+    this.join(120)
+    assert [r["seed"] for r in read_csv(results / "offline_to_online.csv")[1]] == ["1", "2"]  # neither row lost
