@@ -11,6 +11,7 @@ the success at the switch and at the end of every run, a markdown table and the 
 
 Resumes: a run whose run dir holds results.json is kept and not run again, an interrupted run continues from its
 checkpoint, and the rows of other tasks, methods and seeds already in the CSV stay; so the table grows run by run.
+Separate calls may run at once (one per task, say): each merges its rows into the CSV under a lock.
 
 Data: each task trains on a generated Robomimic set (make_datasets.py robomimic), chosen so that the offline
 policy lands between 10% and 70% success and the online phase has room to show itself. DATA holds each task's
