@@ -5,6 +5,7 @@ final_success are measured on the same initial states.
     python benchmarks/eval_checkpoint.py runs/<run>/dfp.pt --episodes 100                 # as DFP acts: best of N'
     python benchmarks/eval_checkpoint.py runs/<run>/dfp.pt --episodes 100 --actor-only    # one actor sample, no critic
     python benchmarks/eval_checkpoint.py runs/<run>/qc_fql.pt --episodes 50 --actor-only  # the BC flow alone
+    python benchmarks/eval_checkpoint.py runs/<run>/qc_fql.pt --action-steps 1            # replan every step
 
 --actor-only is a diagnostic for the scripts that choose among samples with a critic or distil one policy from
 another: DFP (one actor sample instead of the best of N' under the critic) and baselines/qc_fql.py (one sample of
@@ -39,6 +40,9 @@ class Args:
     """first episode seed (default: the training scripts' final evaluation)"""
     num_envs: int = 2
     """parallel evaluation envs (subprocesses)"""
+    action_steps: Optional[int] = None
+    """execute the first k actions of each chunk, then ask again (default: the policy's n_action_steps); a smaller k
+    tells whether a chunked policy fails for its open-loop execution or for what it learned"""
     max_episode_steps: Optional[int] = None
     """time limit (default: the one the run was evaluated with)"""
     threads: int = 1
@@ -60,13 +64,17 @@ def main(argv=None):
     common.require(not args.actor_only or module in ACTOR_ONLY,
                    f"--actor-only: {module} checkpoints have no such mode (only {', '.join(ACTOR_ONLY)}); drop the flag")
     policy = common.load_policy(args.checkpoint, trust=args.trust_checkpoint, **(ACTOR_ONLY[module] if args.actor_only else {}))
+    steps = args.action_steps or policy.n_action_steps
+    common.require(1 <= steps <= policy.n_action_steps, f"--action-steps {args.action_steps}: this policy's chunks "
+                   f"hold {policy.n_action_steps} executable actions; pass 1 to {policy.n_action_steps}")
     run_args = ckpt.get("args", {})
     env_kwargs = {"max_episode_steps": args.max_episode_steps or run_args.get("max_episode_steps")}
     if ckpt["env_id"] not in environments.ROBOMIMIC_TASKS and run_args.get("success_timing"):
         env_kwargs["success_timing"] = run_args["success_timing"]
-    result = environments.evaluate(policy.act, ckpt["env_id"], args.episodes, policy.n_obs_steps, policy.n_action_steps,
+    result = environments.evaluate(policy.act, ckpt["env_id"], args.episodes, policy.n_obs_steps, steps,
                              seed=args.seed, num_envs=args.num_envs, **env_kwargs)
     print(json.dumps({"checkpoint": args.checkpoint, "env_id": ckpt["env_id"], "actor_only": args.actor_only,
+                      "action_steps": steps,
                       **{k: round(float(v), 4) for k, v in result.items()}}))
     return result
 

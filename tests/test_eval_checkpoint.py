@@ -50,3 +50,26 @@ def test_actor_only_is_refused_for_a_checkpoint_without_that_mode(tmp_path):
         eval_checkpoint.main([path, "--actor-only"])
     with pytest.raises(common.UserError, match="does not exist"):
         eval_checkpoint.main([str(tmp_path / "missing.pt")])
+
+
+def test_action_steps_replans_sooner_and_is_bounded_by_the_chunk(tmp_path, capsys, monkeypatch):
+    kw = dict(obs_dim=37, action_dim=5, horizon=5, hidden_dims=(16,), num_qs=2, n_best=4)
+    policy = dfp.DFPPolicy(**kw)
+    path = save(str(tmp_path / "dfp.pt"), "dfp_offline_to_online", kw, 7, actor=policy.actor.state_dict(),
+                critic=policy.critic.state_dict())
+    calls = []
+    load = common.load_policy
+
+    def counted(*a, **k):
+        p = load(*a, **k)
+        act = p.act
+        p.act = lambda obs: calls.append(len(obs)) or act(obs)
+        return p
+
+    monkeypatch.setattr(common, "load_policy", counted)
+    for steps, expected in ((None, 2 * 3), (1, 7 * 3)):  # 3 episodes of 7 steps: chunks of 5 (2 calls) or 1 (7)
+        calls.clear()
+        eval_checkpoint.main([path, "--episodes", "3", "--num-envs", "1", *(["--action-steps", str(steps)] if steps else [])])
+        assert sum(calls) == expected and json.loads(capsys.readouterr().out.splitlines()[-1])["action_steps"] == (steps or 5)
+    with pytest.raises(common.UserError, match="--action-steps 6: this policy's chunks hold 5 executable actions"):
+        eval_checkpoint.main([path, "--action-steps", "6"])
