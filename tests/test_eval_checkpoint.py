@@ -25,12 +25,17 @@ def save(path, module, kw, max_episode_steps, **state):
     return path
 
 
-def test_dfp_best_of_n_and_actor_only_on_the_run_s_time_limit(tmp_path, capsys, monkeypatch):
+def dfp_checkpoint(tmp_path):
+    """A DFP checkpoint with random weights: chunks of 5 actions, the best of N' = 4 under its critic."""
     torch.manual_seed(0)
     kw = dict(obs_dim=37, action_dim=5, horizon=5, hidden_dims=(16,), num_qs=2, n_best=4)
     policy = dfp.DFPPolicy(**kw)
-    path = save(str(tmp_path / "dfp.pt"), "dfp_offline_to_online", kw, 7, actor=policy.actor.state_dict(),
+    return save(str(tmp_path / "dfp.pt"), "dfp_offline_to_online", kw, 7, actor=policy.actor.state_dict(),
                 critic=policy.critic.state_dict())
+
+
+def test_dfp_best_of_n_and_actor_only_on_the_run_s_time_limit(tmp_path, capsys, monkeypatch):
+    path = dfp_checkpoint(tmp_path)
     built = []
     load = common.load_policy
     monkeypatch.setattr(common, "load_policy", lambda *a, **k: built.append(load(*a, **k)) or built[-1])
@@ -53,10 +58,7 @@ def test_actor_only_is_refused_for_a_checkpoint_without_that_mode(tmp_path):
 
 
 def test_action_steps_replans_sooner_and_is_bounded_by_the_chunk(tmp_path, capsys, monkeypatch):
-    kw = dict(obs_dim=37, action_dim=5, horizon=5, hidden_dims=(16,), num_qs=2, n_best=4)
-    policy = dfp.DFPPolicy(**kw)
-    path = save(str(tmp_path / "dfp.pt"), "dfp_offline_to_online", kw, 7, actor=policy.actor.state_dict(),
-                critic=policy.critic.state_dict())
+    path = dfp_checkpoint(tmp_path)
     calls = []
     load = common.load_policy
 
